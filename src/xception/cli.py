@@ -1,0 +1,54 @@
+"""The ``xception`` command line: thin subcommands over the library.
+
+Each subcommand is an ``add_<name>(subparsers)`` function that declares its arguments and sets
+``func``; the ``func`` returns the process exit code. User mistakes (``ValueError``, ``OSError``)
+become one line on stderr and exit code 2 (1 for a partial failure that the command reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .registry import list_models
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    for name in list_models():
+        print(name)
+    return 0
+
+
+def add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model names create_model accepts")
+    p.set_defaults(func=cmd_models)
+
+
+SUBCOMMANDS = [add_models]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xception", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("xception: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"xception {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Frozen configuration dataclasses for the model variants.
+
+A config is created once, validated, and never mutated: derive a new one with
+:func:`dataclasses.replace`. ``dataclasses.asdict(config)`` round-trips through
+``create_model(name, **asdict(config))``, which is how checkpoints and
+``.safetensors`` files record the model they hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+ACTIVATIONS = ("none", "relu", "elu")
+GLOBAL_POOLS = ("avg", "max")
+POOL_PADDINGS = ("torch", "same")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class XceptionConfig:
+    """The seed's Xception, with the options of timm/Keras users and the paper's ablations.
+
+    Args:
+        num_classes: classifier outputs; 0 removes the classifier (``forward`` returns pooled features).
+        in_chans: input image channels.
+        drop_rate: dropout probability before the classifier (the paper uses 0.5 on ImageNet).
+        global_pool: ``"avg"`` or ``"max"`` pooling of the last feature map.
+        middle_blocks: number of middle-flow blocks (8 in the paper).
+        intermediate_activation: nonlinearity between depthwise and pointwise conv
+            (``"none"`` as in the paper, ``"relu"``, ``"elu"``; the paper's Figure 10).
+        residual: keep the residual connections (the paper's Figure 9 ablates them).
+        bn_eps: batch-norm epsilon (1e-5 PyTorch, 1e-3 Keras).
+        pool_padding: ``"torch"`` = the seed's ``MaxPool2d(3, 2, padding=1)``; ``"same"`` =
+            TensorFlow/Keras asymmetric padding, exact at every input size.
+        output_stride: ratio of input to final feature-map size (32, 16 or 8). Strides beyond it
+            become dilation in the following layers; the weights are the same at every value.
+        drop_path_rate: stochastic depth: probability of dropping a residual branch, rising
+            linearly over the blocks to this value.
+    """
+
+    num_classes: int = 1000
+    in_chans: int = 3
+    drop_rate: float = 0.0
+    global_pool: str = "avg"
+    middle_blocks: int = 8
+    intermediate_activation: str = "none"
+    residual: bool = True
+    bn_eps: float = 1e-5
+    pool_padding: str = "torch"
+    output_stride: int = 32
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
+        if not isinstance(self.in_chans, int) or self.in_chans < 1:
+            raise ValueError(f"in_chans must be an integer >= 1, got {self.in_chans!r}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+        if not isinstance(self.middle_blocks, int) or self.middle_blocks < 0:
+            raise ValueError(f"middle_blocks must be an integer >= 0, got {self.middle_blocks!r}")
+        if not self.bn_eps > 0:
+            raise ValueError(f"bn_eps must be > 0, got {self.bn_eps!r}")
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride!r}")
+        _check_choice("global_pool", self.global_pool, GLOBAL_POOLS)
+        _check_choice("intermediate_activation", self.intermediate_activation, ACTIVATIONS)
+        _check_choice("pool_padding", self.pool_padding, POOL_PADDINGS)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "XceptionConfig":
+        """Build from a dict (e.g. checkpoint metadata), rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
