@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import tempfile
 import urllib.request
@@ -154,6 +155,7 @@ class WeightFile:
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def read_weights(path: str | os.PathLike) -> WeightFile:
@@ -187,10 +189,14 @@ def _looks_like_safetensors(path: Path, head: bytes) -> bool:
 def _read_torch(path: Path) -> WeightFile:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError (truncated zip), EOFError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a loadable PyTorch weights file (only plain tensors are accepted, "
-                         f"nothing is unpickled): {first}") from None
+    except pickle.UnpicklingError as e:  # the restricted unpickler refused a global: nothing ran
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        detail = f" (it asks for {found[1]})" if found else ""
+        raise ValueError(f"{path}: refused: the file would build objects other than tensors when unpickled"
+                         f"{detail}; nothing from it was run") from None
+    except Exception as e:  # RuntimeError (truncated zip), EOFError, ...
+        first = _ANSI.sub("", str(e).strip()).split(". ")[0].splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable PyTorch weights file (truncated or corrupt?): {first}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, got a {type(obj).__name__}")
     if obj.get("format") == "xception-checkpoint":
@@ -417,31 +423,33 @@ def _match(state: dict[str, torch.Tensor], model: nn.Module, path: Path, *, skip
     """
     target = model.state_dict()
     head = _classifier_prefix(model) or "fc."
-    is_head = lambda k: k.startswith(head)  # noqa: E731
-    if skip_classifier:
-        state = {k: v for k, v in state.items() if not is_head(k)}
-        target = {k: v for k, v in target.items() if not is_head(k)}
-    head_file = {k: tuple(v.shape) for k, v in state.items() if is_head(k)}
-    head_model = {k: tuple(v.shape) for k, v in target.items() if is_head(k)}
-    if head_file != head_model:
-        if strict_classifier:
-            raise ValueError(f"{path}: classifier does not fit: file has {head_file or 'no classifier'}, "
-                             f"model has {head_model or 'no classifier'} (pass num_classes to fine-tune)")
-        log.info("%s: classifier %s left as initialised (file: %s)", path, head_model, head_file)
-        state = {k: v for k, v in state.items() if not is_head(k)}
-        target = {k: v for k, v in target.items() if not is_head(k)}
-
+    in_head = lambda k: k.startswith(head)  # noqa: E731
     optional = lambda k: k.endswith("num_batches_tracked")  # noqa: E731  absent from Keras and old files
-    missing = [k for k in target if k not in state and not optional(k)]
-    unexpected = [k for k in state if k not in target]
+    missing = [k for k in target if k not in state and not optional(k) and not in_head(k)]
+    unexpected = [k for k in state if k not in target and not in_head(k)]
     misshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
-                 for k in state if k in target and state[k].shape != target[k].shape]
+                 for k in state if k in target and not in_head(k) and state[k].shape != target[k].shape]
+    head_file = {k: tuple(v.shape) for k, v in state.items() if in_head(k)}
+    head_model = {k: tuple(v.shape) for k, v in target.items() if in_head(k)}
+    head_fits = head_file == head_model
     if missing or unexpected or misshaped:
         name = getattr(model, "model_name", type(model).__name__)
         problems = [_describe(items, what) for items, what in
                     ((missing, "missing"), (unexpected, "unexpected"), (misshaped, "mis-shaped (file vs model)"))
                     if items]
+        if not head_fits:
+            problems.append(f"classifier {head_file or 'absent'} vs {head_model or 'absent'}")
         raise ValueError(f"{path}: weights do not fit {name}: {'; '.join(problems)}")
+
+    body = {k: v for k, v in state.items() if not in_head(k)}
+    if skip_classifier:
+        return body
+    if not head_fits:
+        if strict_classifier:
+            raise ValueError(f"{path}: classifier does not fit: file has {head_file or 'no classifier'}, "
+                             f"model has {head_model or 'no classifier'} (pass num_classes to fine-tune)")
+        log.info("%s: classifier %s left as initialised (file: %s)", path, head_model, head_file)
+        return body
     return state
 
 
