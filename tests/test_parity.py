@@ -79,7 +79,7 @@ def timm_pair(tmp_path_factory):
                 module.bias.normal_(0.0, 0.1)
     path = tmp_path_factory.mktemp("timm") / "legacy_xception.pth"
     torch.save(ref.state_dict(), path)
-    ours = xception.create_model("xception", pretrained=path)
+    ours = xception.create_model("xception", pretrained=path).eval()
     return ref, ours
 
 
@@ -160,7 +160,7 @@ def keras_notop(keras, tmp_path_factory):
 
 def test_keras_logits_parity_299(keras_top):
     kmodel, path = keras_top
-    ours = xception.create_model("xception", pretrained=path)
+    ours = xception.create_model("xception", pretrained=path).eval()
     assert ours.config.bn_eps == 1e-3 and ours.config.pool_padding == "same" and ours.config.num_classes == 1000
     x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ref = keras_forward(kmodel, x)
@@ -177,7 +177,7 @@ def test_keras_logits_parity_even_size(keras, keras_top):
     kmodel_299, path = keras_top
     kmodel = keras.applications.Xception(weights=None, classifier_activation=None, input_shape=(100, 100, 3))
     kmodel.set_weights(kmodel_299.get_weights())
-    ours = xception.create_model("xception", pretrained=path)
+    ours = xception.create_model("xception", pretrained=path).eval()
     x = torch.rand(2, 3, 100, 100, generator=torch.Generator().manual_seed(1)) * 2 - 1
     ref = keras_forward(kmodel, x)
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_keras_logits_parity_even_size(keras, keras_top):
 @pytest.mark.parametrize("size", [96, 81])
 def test_keras_features_parity(keras_notop, size):
     kmodel, path = keras_notop
-    ours = xception.create_model("xception", pretrained=path)
+    ours = xception.create_model("xception", pretrained=path).eval()
     assert ours.config.num_classes == 0
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size)) * 2 - 1
     ref = keras_forward(kmodel, x)  # (B, 2048, h, w) after the final ReLU
@@ -211,8 +211,8 @@ def test_torch_pool_padding_does_not_match_keras_at_even_size(keras_notop):
     kmodel, path = keras_notop
     x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(96)) * 2 - 1
     ref = keras_forward(kmodel, x)
-    torch_pool = xception.create_model("xception", pretrained=path, pool_padding="torch")
-    torch_eps = xception.create_model("xception", pretrained=path, bn_eps=1e-5)
+    torch_pool = xception.create_model("xception", pretrained=path, pool_padding="torch").eval()
+    torch_eps = xception.create_model("xception", pretrained=path, bn_eps=1e-5).eval()
     with torch.no_grad():
         err_pool = rel_err(torch_pool.forward_features(x), ref)
         err_eps = rel_err(torch_eps.forward_features(x), ref)

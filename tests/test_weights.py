@@ -206,13 +206,27 @@ def test_safetensors_round_trip(tmp_path):
     small = randomize(xception.create_model("xception", num_classes=3, middle_blocks=1, drop_rate=0.2))
     path = xception.save_safetensors(small, tmp_path / "small.safetensors", class_names=["a", "b", "c"])
     assert [p.name for p in tmp_path.iterdir()] == ["small.safetensors"]  # no temp file left
-    loaded = xception.create_model("xception", pretrained=path)
+    loaded = xception.create_model("xception", pretrained=path).eval()
     assert loaded.config == small.config and loaded.class_names == ["a", "b", "c"]
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), small(x))
     with pytest.raises(ValueError, match="small.safetensors"):
         xception.create_model("xception", pretrained=path, middle_blocks=2)
+
+
+def test_wrapped_models_save_and_load_plain_keys(tmp_path):
+    small = randomize(xception.create_model("xception", num_classes=2, middle_blocks=0))
+    path = xception.save_safetensors(nn.DataParallel(small), tmp_path / "wrapped.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert "conv1.weight" in f.keys() and not any(k.startswith("module.") for k in f.keys())
+    target = xception.create_model("xception", num_classes=2, middle_blocks=0)
+    wrapped = nn.DataParallel(target)
+    assert xception.load_weights(wrapped, path) is wrapped
+    assert_same_tensors(target.state_dict(), small.state_dict())
+    assert xception.create_model("xception", pretrained=path).training  # like create_model: train mode
 
 
 def test_training_checkpoint_prefers_ema(tmp_path):
@@ -234,7 +248,7 @@ def test_convert_cli_and_torch_hub(model, pth, tmp_path, capsys):
     assert main(["convert", str(pth), str(dst)]) == 0
     assert "out.safetensors" in capsys.readouterr().out
     x = torch.randn(1, 3, 71, 71)
-    converted = xception.create_model("xception", pretrained=dst)
+    converted = xception.create_model("xception", pretrained=dst).eval()
     with torch.no_grad():
         assert torch.equal(converted(x), model(x))
     hub = torch.hub.load(str(ROOT), "xception", source="local", pretrained=str(dst))
@@ -288,6 +302,7 @@ class Exploit:
         return (open, (str(self.marker), "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 @pytest.mark.parametrize("writer", ["pickle", "torch.save"])
 def test_malicious_pickle_never_runs(tmp_path, writer):
     marker = tmp_path / "pwned"

@@ -414,12 +414,12 @@ def _describe(items: list[str], what: str) -> str:
     return f"{len(items)} {what} ({shown})"
 
 
-def _match(state: dict[str, torch.Tensor], model: nn.Module, path: Path, *, skip_classifier: bool,
-           strict_classifier: bool) -> dict[str, torch.Tensor]:
-    """Check ``state`` against ``model``; return what to load. Raises ValueError listing mismatches.
+def _match(state: dict[str, torch.Tensor], model: nn.Module, path: Path, *,
+           strict_classifier: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """Check ``state`` against ``model``; return what to load and whether the classifier is in it.
 
-    ``skip_classifier``: leave the model's classifier as it is (fine-tuning to other classes).
-    ``strict_classifier``: a classifier shape mismatch is an error (otherwise it is skipped, logged).
+    Any mismatch outside the classifier raises a ValueError listing the tensors. A classifier of
+    another class count is an error if ``strict_classifier``, else left out (the model keeps its own).
     """
     target = model.state_dict()
     head = _classifier_prefix(model) or "fc."
@@ -441,16 +441,25 @@ def _match(state: dict[str, torch.Tensor], model: nn.Module, path: Path, *, skip
             problems.append(f"classifier {head_file or 'absent'} vs {head_model or 'absent'}")
         raise ValueError(f"{path}: weights do not fit {name}: {'; '.join(problems)}")
 
-    body = {k: v for k, v in state.items() if not in_head(k)}
-    if skip_classifier:
-        return body
-    if not head_fits:
-        if strict_classifier:
-            raise ValueError(f"{path}: classifier does not fit: file has {head_file or 'no classifier'}, "
-                             f"model has {head_model or 'no classifier'} (pass num_classes to fine-tune)")
-        log.info("%s: classifier %s left as initialised (file: %s)", path, head_model, head_file)
-        return body
-    return state
+    if head_fits:
+        return state, True
+    if strict_classifier:
+        raise ValueError(f"{path}: classifier does not fit: file has {head_file or 'no classifier'}, "
+                         f"model has {head_model or 'no classifier'} (pass num_classes to fine-tune)")
+    log.info("%s: loaded all but the classifier: the file's %s does not fit %s, which stays as initialised",
+             path, head_file or "(no classifier)", head_model or "(no classifier)")
+    return {k: v for k, v in state.items() if not in_head(k)}, False
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DataParallel/DDP wrapper or a torch.compile'd module."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -480,6 +489,9 @@ def load_pretrained(name: str | None, source: str | os.PathLike, **kwargs) -> nn
             Keras ``.h5``, a timm/Cadene ``.pth``, our ``.safetensors`` or our training checkpoint.
         **kwargs: config options; they override what the file implies. A ``num_classes`` other than
             the file's loads everything but the classifier, which stays freshly initialised.
+
+    The model comes back in training mode, as ``create_model`` builds it; call ``.eval()`` to infer.
+    Its ``class_names`` attribute holds the file's class names (None if it records none).
     """
     from .registry import create_model
 
@@ -490,14 +502,11 @@ def load_pretrained(name: str | None, source: str | os.PathLike, **kwargs) -> nn
     implied = weights.config if not weights.foreign else _implied_config(weights)
     config = {**implied, **kwargs}
     model = create_model(name, **config)
-    fine_tune = "num_classes" in implied and config["num_classes"] != implied["num_classes"]
-    state = _match(_adapt(weights, model), model, weights.path, skip_classifier=fine_tune, strict_classifier=True)
+    # Only an explicit num_classes may leave the file's classifier out (fine-tuning to other classes).
+    state, with_head = _match(_adapt(weights, model), model, weights.path,
+                              strict_classifier="num_classes" not in kwargs)
     _load_into(model, state)
-    if fine_tune:
-        log.info("%s: loaded all but the classifier: %d classes in the file, a new %d-class classifier",
-                 weights.path, implied["num_classes"], config["num_classes"])
-    model.class_names = weights.class_names if not fine_tune else None
-    model.eval()
+    model.class_names = weights.class_names if with_head else None
     log.info("loaded %s weights from %s into %s", weights.kind, weights.path, name)
     return model
 
@@ -508,6 +517,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     ``strict=False`` only relaxes the classifier: one of another class count is left as it is.
     Every other mismatch (missing, unexpected or mis-shaped tensors) is a ValueError either way.
     """
+    wrapper, model = model, _unwrap(model)
     weights = read_weights(_resolve(path))
     if weights.model_name and getattr(model, "model_name", weights.model_name) != weights.model_name:
         raise ValueError(f"{weights.path}: holds a {weights.model_name!r} model, not {model.model_name!r}")
@@ -517,9 +527,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
         if differ:
             log.warning("%s: Keras weights expect %s; this model has %s: outputs will differ from Keras",
                         weights.path, differ, {k: getattr(config, k) for k in differ})
-    state = _match(_adapt(weights, model), model, weights.path, skip_classifier=False, strict_classifier=strict)
+    state, _ = _match(_adapt(weights, model), model, weights.path, strict_classifier=strict)
     _load_into(model, state)
-    return model
+    return wrapper
 
 
 def save_safetensors(model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None) -> Path:
@@ -529,6 +539,7 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, class_names: lis
     from .registry import list_models
 
     path = Path(path)
+    model = _unwrap(model)
     model_name = getattr(model, "model_name", None) or type(model).__name__.lower()
     if model_name not in list_models():
         raise ValueError(f"cannot record the model: {model_name!r} is not a registered model name")
