@@ -146,7 +146,7 @@ def keras_top(keras, tmp_path_factory):
     randomize_keras(model, seed=1)
     path = tmp_path_factory.mktemp("keras") / "xception_top.h5"
     write_keras_h5(model, path)
-    return model, path
+    return model, path, xception.create_model("xception", pretrained=path).eval()
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +155,20 @@ def keras_notop(keras, tmp_path_factory):
     randomize_keras(model, seed=2)
     path = tmp_path_factory.mktemp("keras") / "xception_notop.h5"
     write_keras_h5(model, path)
-    return model, path
+    ours = xception.create_model("xception", pretrained=path).eval()
+    refs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # size -> (input, Keras output), computed once
+
+    def reference(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if size not in refs:
+            x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size)) * 2 - 1
+            refs[size] = x, keras_forward(model, x)  # (B, 2048, h, w) after the final ReLU
+        return refs[size]
+
+    return path, ours, reference
 
 
 def test_keras_logits_parity_299(keras_top):
-    kmodel, path = keras_top
-    ours = xception.create_model("xception", pretrained=path).eval()
+    kmodel, path, ours = keras_top
     assert ours.config.bn_eps == 1e-3 and ours.config.pool_padding == "same" and ours.config.num_classes == 1000
     x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ref = keras_forward(kmodel, x)
@@ -174,10 +182,9 @@ def test_keras_logits_parity_299(keras_top):
 def test_keras_logits_parity_even_size(keras, keras_top):
     # Keras fixes the input size of a model with its top: build one at 100 with the same weights,
     # loaded by Keras's own reader from the file under test.
-    kmodel_299, path = keras_top
+    kmodel_299, path, ours = keras_top
     kmodel = keras.applications.Xception(weights=None, classifier_activation=None, input_shape=(100, 100, 3))
     kmodel.set_weights(kmodel_299.get_weights())
-    ours = xception.create_model("xception", pretrained=path).eval()
     x = torch.rand(2, 3, 100, 100, generator=torch.Generator().manual_seed(1)) * 2 - 1
     ref = keras_forward(kmodel, x)
     with torch.no_grad():
@@ -189,11 +196,9 @@ def test_keras_logits_parity_even_size(keras, keras_top):
 
 @pytest.mark.parametrize("size", [96, 81])
 def test_keras_features_parity(keras_notop, size):
-    kmodel, path = keras_notop
-    ours = xception.create_model("xception", pretrained=path).eval()
+    path, ours, reference = keras_notop
     assert ours.config.num_classes == 0
-    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size)) * 2 - 1
-    ref = keras_forward(kmodel, x)  # (B, 2048, h, w) after the final ReLU
+    x, ref = reference(size)
     with torch.no_grad():
         out = ours.forward_features(x)
         pooled = ours(x)
@@ -208,9 +213,8 @@ def test_keras_features_parity(keras_notop, size):
 def test_torch_pool_padding_does_not_match_keras_at_even_size(keras_notop):
     # The check above can fail: the seed's symmetric MaxPool2d padding differs from Keras's 'same'
     # at even sizes, and a model with PyTorch's BN epsilon differs everywhere.
-    kmodel, path = keras_notop
-    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(96)) * 2 - 1
-    ref = keras_forward(kmodel, x)
+    path, _, reference = keras_notop
+    x, ref = reference(96)
     torch_pool = xception.create_model("xception", pretrained=path, pool_padding="torch").eval()
     torch_eps = xception.create_model("xception", pretrained=path, bn_eps=1e-5).eval()
     with torch.no_grad():
@@ -226,8 +230,8 @@ def test_keras_variants_load_identically(keras, keras_top, tmp_path):
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
-    kmodel, path = keras_top
-    expected = xception.create_model("xception", pretrained=path).state_dict()
+    kmodel, path, ours = keras_top
+    expected = ours.state_dict()
 
     full = tmp_path / "full_model.h5"
     legacy_h5_format.save_model_to_hdf5(kmodel, str(full), include_optimizer=False)

@@ -398,10 +398,10 @@ def _same_but_singletons(a: torch.Size, b: torch.Size) -> bool:
     return [d for d in a if d != 1] == [d for d in b if d != 1]
 
 
-def _classifier_prefix(model: nn.Module) -> str | None:
+def _classifier_prefix(model: nn.Module) -> str:
     get = getattr(model, "get_classifier", None)
     if get is None:
-        return None
+        return "fc."
     head = get()
     for name, module in model.named_modules():
         if module is head and name:
@@ -422,7 +422,7 @@ def _match(state: dict[str, torch.Tensor], model: nn.Module, path: Path, *,
     another class count is an error if ``strict_classifier``, else left out (the model keeps its own).
     """
     target = model.state_dict()
-    head = _classifier_prefix(model) or "fc."
+    head = _classifier_prefix(model)
     in_head = lambda k: k.startswith(head)  # noqa: E731
     optional = lambda k: k.endswith("num_batches_tracked")  # noqa: E731  absent from Keras and old files
     missing = [k for k in target if k not in state and not optional(k) and not in_head(k)]
