@@ -300,7 +300,10 @@ def _read_keras_h5(path: Path) -> WeightFile:
     try:
         with h5py.File(path, "r") as f:
             group = f["model_weights"] if "model_weights" in f and "layer_names" not in f.attrs else f
-            if "layer_names" not in group.attrs:
+            if "layer_names" not in group.attrs and "layer_names0" not in group.attrs:
+                if "layers" in f and "vars" in f:  # Keras 3 .weights.h5: layers named by class, not by role
+                    raise ValueError(f"{path}: Keras 3 native weights format is not supported; in Keras, "
+                                     f"model.save('model.h5') writes the legacy HDF5 layout that loads here")
                 raise ValueError(f"{path}: HDF5 file without Keras 'layer_names': not a Keras weights file")
             layers = _attr_strings(group, "layer_names")
             state: dict[str, torch.Tensor] = {}
@@ -501,7 +504,10 @@ def load_pretrained(name: str | None, source: str | os.PathLike, **kwargs) -> nn
     name = name or weights.model_name or "xception"
     implied = weights.config if not weights.foreign else _implied_config(weights)
     config = {**implied, **kwargs}
-    model = create_model(name, **config)
+    try:
+        model = create_model(name, **config)
+    except TypeError as e:  # an option this version's config does not have
+        raise ValueError(f"{weights.path}: cannot build {name!r} with the file's options {config}: {e}") from None
     # Only an explicit num_classes may leave the file's classifier out (fine-tuning to other classes).
     state, with_head = _match(_adapt(weights, model), model, weights.path,
                               strict_classifier="num_classes" not in kwargs)
