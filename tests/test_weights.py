@@ -256,6 +256,8 @@ def test_convert_cli_and_torch_hub(model, pth, tmp_path, capsys):
 
     assert main(["convert", str(tmp_path / "nope.pth"), str(tmp_path / "x.safetensors")]) == 2
     assert "nope.pth" in capsys.readouterr().err
+    assert main(["convert", str(dst), str(tmp_path / "x.safetensors"), "--model", "resnet50"]) == 2
+    assert "resnet50" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 
