@@ -83,7 +83,7 @@ def timm_pair(tmp_path_factory):
     return ref, ours
 
 
-@pytest.mark.parametrize("size", [299, 96, 75])
+@pytest.mark.parametrize("size", [299, 96])  # odd and even (Keras covers more sizes below)
 def test_timm_logits_parity(timm_pair, size):
     ref_model, ours = timm_pair
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
