@@ -3,6 +3,7 @@
 from .config import XceptionConfig
 from .model import Block, SeparableConv2d, Xception, xception
 from .registry import create_model, list_models, register_model
+from .weights import load_pretrained, load_weights, save_safetensors
 
 __all__ = [
     "Block",
@@ -11,7 +12,10 @@ __all__ = [
     "XceptionConfig",
     "create_model",
     "list_models",
+    "load_pretrained",
+    "load_weights",
     "register_model",
+    "save_safetensors",
     "xception",
 ]
 __version__ = "0.1.0"

@@ -25,7 +25,25 @@ def add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_models)
 
 
-SUBCOMMANDS = [add_models]
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .weights import load_pretrained, save_safetensors
+
+    model = load_pretrained(args.model, args.src)
+    save_safetensors(model, args.dst)
+    print(f"{args.dst}: {model.model_name}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{model.config.num_classes} classes")
+    return 0
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert Keras .h5 / timm .pth / checkpoint weights to .safetensors")
+    p.add_argument("src", help='weights file, or "keras", "keras_notop", "timm" to download the public ones')
+    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument("--model", default=None, help="model name (default: the one the file records, else xception)")
+    p.set_defaults(func=cmd_convert)
+
+
+SUBCOMMANDS = [add_models, add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:
