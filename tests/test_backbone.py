@@ -15,7 +15,8 @@ from xception import FeatureExtractor, create_model, list_models
 from xception.features import feature_take_indices
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SIZE = 64
+SIZE = 64  # feature-map tests
+TRAIN_SIZE = 48  # training-mode tests (forward + backward)
 
 
 def expected_side(name: str, size: int, reduction: int) -> int:
@@ -36,7 +37,7 @@ def test_features_at_every_output_stride(name):
     """feature_info and map shapes at output stride 32/16/8; the same weights load at each, and the
     dilated maps hold the stride-32 values at every (32/os)-th position (the skips are consistent)."""
     torch.manual_seed(0)
-    x = torch.randn(2, 3, SIZE, SIZE)
+    x = torch.randn(1, 3, SIZE, SIZE)
     ref_state, ref_maps = None, None
     for os_ in (32, 16, 8):
         model = create_model(name, output_stride=os_).eval()
@@ -54,14 +55,12 @@ def test_features_at_every_output_stride(name):
             model.load_state_dict(ref_state, strict=True)
         with torch.no_grad():
             final, maps = model.forward_intermediates(x)
-            features = model.forward_features(x)
-        assert torch.equal(final, features)
         assert len(maps) == 5
         for d, m in zip(info, maps):
             side = expected_side(name, SIZE, d["reduction"])
-            assert tuple(m.shape) == (2, d["num_chs"], side, side), (name, os_, d)
+            assert tuple(m.shape) == (1, d["num_chs"], side, side), (name, os_, d)
         # the last tap is the final map (before the pre-activation models' closing ReLU)
-        torch.testing.assert_close(torch.relu(maps[-1]), features)
+        torch.testing.assert_close(torch.relu(maps[-1]), final)
         if ref_maps is None:
             ref_maps = maps
         else:
@@ -74,9 +73,9 @@ def test_features_at_every_output_stride(name):
 def test_features_only_model(name):
     extractor = create_model(name, features_only=True, out_indices=(1, -1), output_stride=16)
     assert isinstance(extractor, FeatureExtractor)
-    full = create_model(name, output_stride=16)
+    full_info = extractor.model.feature_info
     assert extractor.out_indices == (1, 4)
-    assert extractor.feature_info.channels() == [full.feature_info[1]["num_chs"], full.feature_info[4]["num_chs"]]
+    assert extractor.feature_info.channels() == [full_info[1]["num_chs"], full_info[4]["num_chs"]]
     assert extractor.feature_info.reduction() == [4, 16]
     assert extractor.model_name == name
     assert isinstance(extractor.model.get_classifier(), torch.nn.Identity)
@@ -96,6 +95,8 @@ def test_forward_intermediates_indices_and_stop_early():
         _, all_maps = model.forward_intermediates(x)
         last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
         early_x, early = model.forward_intermediates(x, indices=[0, 2], stop_early=True)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), all_maps[-1])
     assert [m.shape for m in last2] == [m.shape for m in all_maps[3:]]
     assert torch.equal(early[1], all_maps[2]) and torch.equal(early[0], all_maps[0])
     assert torch.equal(early_x, all_maps[2])  # stopped at the tap, activated like it
@@ -112,7 +113,7 @@ def test_forward_intermediates_indices_and_stop_early():
 def test_backward_reaches_every_parameter(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=3, output_stride=16, drop_path_rate=0.1).train()
-    model(torch.randn(2, 3, SIZE, SIZE)).logsumexp(1).sum().backward()
+    model(torch.randn(2, 3, TRAIN_SIZE, TRAIN_SIZE)).logsumexp(1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing[:5]
 
@@ -126,7 +127,7 @@ def test_drop_path_acts_in_training_only(name):
     rates = [b.drop_path for b in (model.blocks() if name == "xception" else model.blocks)]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.5)
     assert all(b > a for a, b in zip(rates, rates[1:]))
-    x = torch.randn(2, 3, SIZE, SIZE)
+    x = torch.randn(2, 3, TRAIN_SIZE, TRAIN_SIZE)
     model.eval(), plain.eval()
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
@@ -140,14 +141,14 @@ def test_drop_path_acts_in_training_only(name):
     assert not torch.allclose(a, b)  # with it, each forward drops different residual branches
 
 
-@pytest.mark.parametrize("name", ["xception", "xception41", "xception41p"])
+@pytest.mark.parametrize("name", ["xception", "xception41p"])
 def test_grad_checkpointing_matches_plain(name):
     """Same gradients, same batch-norm running statistics, and the blocks really are recomputed."""
     torch.manual_seed(0)
     plain = create_model(name, num_classes=5, drop_path_rate=0.2, output_stride=16).train()
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing()
-    x = torch.randn(2, 3, SIZE, SIZE)
+    x = torch.randn(2, 3, TRAIN_SIZE, TRAIN_SIZE)
     target = torch.tensor([1, 3])
     blocks = plain.blocks() if name == "xception" else list(plain.blocks)
     calls = {"plain": 0, "ckpt": 0}
@@ -173,7 +174,7 @@ def test_grad_checkpointing_features_only():
     plain = create_model("xception41", features_only=True, out_indices=(2, 3)).train()
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing()
-    x = torch.randn(2, 3, SIZE, SIZE)
+    x = torch.randn(2, 3, TRAIN_SIZE, TRAIN_SIZE)
     for model in (plain, ckpt):
         sum(m.square().mean() for m in model(x)).backward()
     grads = dict(ckpt.named_parameters())
