@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -17,6 +18,15 @@ from xception.features import feature_take_indices
 README = Path(__file__).resolve().parents[1] / "README.md"
 SIZE = 64  # feature-map tests
 TRAIN_SIZE = 48  # training-mode tests (forward + backward)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine a second one mostly spins."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def expected_side(name: str, size: int, reduction: int) -> int:
@@ -201,6 +211,10 @@ def test_public_names():
         assert n in xception.__all__ and hasattr(xception, n)
     for n in ("xception41", "xception65", "xception71", "xception41p", "xception65p"):
         assert n in list_models()
+    for n in ("xception", "xception65p"):  # both config classes round-trip through create_model
+        model = create_model(n, num_classes=7, output_stride=8)
+        again = create_model(model.model_name, **dataclasses.asdict(model.config))
+        assert again.config == model.config
     with pytest.raises(ValueError, match="depth"):
         create_model("xception65", depth=41)
     with pytest.raises(ValueError, match="output_stride"):
