@@ -105,13 +105,10 @@ def test_seed_features_match_timm_legacy_xception():
 
 
 def test_state_dict_keys_and_shapes_equal_timm():
-    for name in ("xception65", "xception65p"):
+    for name in ("xception65", "xception65p", "xception71"):
         ref = timm.create_model(name, pretrained=False).state_dict()
         ours = create_model(name).state_dict()
         assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
-    ours = create_model("xception71").state_dict()
-    assert sum(v.numel() for k, v in ours.items() if not k.endswith("num_batches_tracked")) == sum(
-        v.numel() for k, v in timm.create_model("xception71").state_dict().items() if not k.endswith("num_batches_tracked"))
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])

@@ -325,7 +325,8 @@ class Xception(nn.Module):
         Returns:
             ``(features, maps)``, or ``maps`` if ``intermediates_only``. ``features`` is what
             ``forward_features`` returns, or with ``stop_early`` the activated map at the last tap.
-            ``maps`` are (B, num_chs, H / reduction, W / reduction) tensors in tap order.
+            ``maps`` are (B, num_chs, ~H / reduction, ~W / reduction) tensors in tap order (the
+            unpadded stem convs trim a few pixels: 64 -> 29, 15, 8, 4, 2).
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
