@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import XceptionConfig
+from .features import feature_take_indices
 from .registry import register_model
 
 
@@ -41,8 +42,13 @@ class MaxPool2dSame(nn.MaxPool2d):
 
 
 def max_pool(stride: int, dilation: int, padding_mode: str) -> nn.MaxPool2d:
-    """The 3x3 max-pool that ends a strided block."""
-    if padding_mode == "same":
+    """The 3x3 max-pool that ends a strided block.
+
+    A dilated pool (a stride turned into dilation by ``output_stride``, always at stride 1) pads
+    with -inf explicitly: ``nn.MaxPool2d`` refuses padding > kernel_size // 2. At stride 1 the
+    'same' padding is symmetric, so both padding modes agree there.
+    """
+    if padding_mode == "same" or dilation > 1:
         return MaxPool2dSame(3, stride, dilation)
     return nn.MaxPool2d(3, stride, padding=dilation, dilation=dilation)
 
@@ -192,17 +198,33 @@ class Xception(nn.Module):
         drop_rates = torch.linspace(0, c.drop_path_rate, len(specs)).tolist()
         stride, dilation = 2, 1  # after conv1
         self.block_names: tuple[str, ...] = tuple(f"block{i + 1}" for i in range(len(specs)))
+        block_strides = []  # reduction after each block, capped at output_stride
         for name, spec, dpr in zip(self.block_names, specs, drop_rates):
+            # A block whose stride would exceed output_stride pools with stride 1 (its 1x1 skip conv
+            # too) at its own dilation; the layers after it see the stride as extra dilation.
             block_dilation = dilation
             pool_stride = spec[3]
             if spec[3] != 1 and stride * spec[3] > c.output_stride:
-                dilation *= spec[3]  # this stride becomes dilation in the layers that follow
+                dilation *= spec[3]
                 pool_stride = 1
             else:
                 stride *= spec[3]
             block = Block(*spec, dilation=block_dilation, pool_dilation=block_dilation,
                           pool_stride=pool_stride, drop_path=dpr, **opts)
             setattr(self, name, block)
+            block_strides.append(stride)
+
+        # Feature taps, one per reduction 2, 4, 8, 16, 32 (timm's legacy_xception taps): the stem
+        # output, then the outputs of block1, block2 and the last middle block, each after the ReLU
+        # that opens the next block (whose closing pool is the next downsampling), and the final
+        # feature map. `module` names the layer whose output is tapped (bn2/bn4: after the ReLU).
+        n = len(specs)
+        self._feature_ends = (0, 1, 2, n - 1, n)  # blocks run before each tap
+        self.feature_info: list[dict] = [dict(num_chs=64, reduction=2, module="bn2")]
+        for end in self._feature_ends[1:-1]:
+            self.feature_info.append(dict(num_chs=specs[end - 1][1], reduction=block_strides[end - 1],
+                                          module=f"{self.block_names[end]}.rep.0"))
+        self.feature_info.append(dict(num_chs=self.num_features, reduction=stride, module="bn4"))
 
         # Exit flow tail
         act = c.intermediate_activation
@@ -266,8 +288,7 @@ class Xception(nn.Module):
 
     def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            contexts = lambda: (contextlib.nullcontext(), _FrozenBatchStats(block))  # noqa: E731
-            return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+            return checkpoint_module(block, x)
         return block(x)
 
     def exit_tail(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,6 +302,57 @@ class Xception(nn.Module):
             x = self.run_block(block, x)  # 728 channels at H/16 through the middle flow
         return self.exit_tail(x)
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward that also returns the feature maps of ``feature_info`` (timm's interface).
+
+        Args:
+            x: (B, in_chans, H, W) images.
+            indices: taps to return: ``None`` all five, an int ``n`` the last ``n``, or a sequence
+                of tap indices (0: stem at reduction 2 ... 4: final map at 32; see ``feature_info``).
+            norm: accepted for timm compatibility; Xception has no final norm to apply.
+            stop_early: stop after the deepest requested tap.
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list of maps.
+
+        Returns:
+            ``(features, maps)``, or ``maps`` if ``intermediates_only``. ``features`` is what
+            ``forward_features`` returns, or with ``stop_early`` the activated map at the last tap.
+            ``maps`` are (B, num_chs, ~H / reduction, ~W / reduction) tensors in tap order (the
+            unpadded stem convs trim a few pixels: 64 -> 29, 15, 8, 4, 2).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        last = len(self.feature_info) - 1
+        self._check_input(x)
+        maps = []
+        x = self.stem(x)  # tap 0, already activated
+        if 0 in take:
+            maps.append(x)
+        blocks = self.blocks()
+        num_blocks = self._feature_ends[max_index] if stop_early else len(blocks)
+        for i, block in enumerate(blocks[:num_blocks], start=1):
+            x = self.run_block(block, x)
+            if i in self._feature_ends[1:last]:
+                tap = self._feature_ends.index(i)
+                if tap in take:
+                    maps.append(F.relu(x))  # the ReLU that opens the next block
+        if num_blocks == len(blocks):
+            x = self.exit_tail(x)
+            if last in take:
+                maps.append(x)
+        elif num_blocks > 0:
+            x = F.relu(x)
+        return maps if intermediates_only else (x, maps)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.config.global_pool == "max":
             x = torch.amax(x, dim=(2, 3))  # (B, 2048)
@@ -291,6 +363,17 @@ class Xception(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_module(module: nn.Module, *args: torch.Tensor):
+    """``module(*args)`` with activation checkpointing: stored inputs only, recomputed in backward.
+
+    The recomputation leaves the batch-norm running statistics alone, so one training step
+    updates them exactly once, as without checkpointing. Random ops (drop path) replay the same
+    draws (``checkpoint`` restores the RNG state), so gradients equal the plain model's.
+    """
+    contexts = lambda: (contextlib.nullcontext(), _FrozenBatchStats(module))  # noqa: E731
+    return checkpoint(module, *args, use_reentrant=False, context_fn=contexts)
 
 
 class _FrozenBatchStats:

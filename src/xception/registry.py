@@ -31,14 +31,25 @@ def create_model(name: str = "xception", *, pretrained: str | Path | None = None
             a timm/Cadene ``.pth`` state dict, one of our ``.safetensors`` files or a training
             checkpoint. Options implied by the file (e.g. Keras's ``bn_eps``) are applied; other
             ``kwargs`` (e.g. ``num_classes``) override them.
-        **kwargs: fields of the model's config, e.g. ``num_classes=10, drop_rate=0.5``.
+        **kwargs: fields of the model's config, e.g. ``num_classes=10, drop_rate=0.5``; and
+            ``features_only=True`` (with optional ``out_indices``) for a
+            :class:`~xception.features.FeatureExtractor` returning the multi-scale feature maps.
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", None)
+    if out_indices is not None and not features_only:
+        raise ValueError(f"out_indices needs features_only=True, got out_indices={out_indices!r}")
     if pretrained is not None:
         from .weights import load_pretrained
 
-        return load_pretrained(name, pretrained, **kwargs)
-    model = _MODELS[name](**kwargs)
+        model = load_pretrained(name, pretrained, **kwargs)
+    else:
+        model = _MODELS[name](**kwargs)
     model.model_name = name
+    if features_only:
+        from .features import FeatureExtractor
+
+        return FeatureExtractor(model, out_indices)
     return model
