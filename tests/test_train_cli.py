@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,19 @@ def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": SRC, "KERAS_BACKEND": "torch"}
     env.update(extra)
     return env
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -112,8 +126,7 @@ def test_sigterm_mid_epoch_saves_step_and_resume_is_bitwise(tiny_folder, referen
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "xception", "train", "--data", str(tiny_folder), "--out", str(out),
            "--epochs", "2", *SMALL]
-    proc = subprocess.run(cmd, env=_env(XCEPTION_DEBUG_SIGNAL_AT_STEP="4"), capture_output=True, text=True,
-                          timeout=300)
+    proc = _run(cmd, _env(XCEPTION_DEBUG_SIGNAL_AT_STEP="4"), timeout=300)
     assert proc.returncode == 128 + 15, proc.stderr
     assert "SIGTERM" in proc.stderr and "--resume" in proc.stderr
     ckpt = load_checkpoint(out / "last.pt")
@@ -141,10 +154,9 @@ def test_torchrun_two_ranks_sees_each_sample_once(tmp_path):
     data = make_image_folder(tmp_path / "data", {"train": {"a": 4, "b": 4}, "val": {"a": 1, "b": 2}})
     out, log_dir = tmp_path / "run", tmp_path / "samples"
     log_dir.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            "-m", "xception", "train", "--data", str(data), "--out", str(out), "--epochs", "2", *SMALL]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          timeout=400, env=_env(XCEPTION_DEBUG_SAMPLES=str(log_dir), OMP_NUM_THREADS="1"))
+    proc = _run(cmd, _env(XCEPTION_DEBUG_SAMPLES=str(log_dir), OMP_NUM_THREADS="1"), timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     per_epoch: dict[int, list[int]] = {0: [], 1: []}
     for rank in (0, 1):

@@ -38,6 +38,12 @@ def _kv(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import NonFiniteLossError
     from .train import TrainConfig, TrainingInterrupted, fit
@@ -52,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"xception train: error: {e}", file=sys.stderr)
         return 1
-    if summary["last"] is not None:
+    if summary["last"] is not None and _is_rank0():
         last = summary["last"]
         print(f"done: {summary['epochs']} epochs, val top-1 {100 * last['val_top1']:.2f}% (best "
               f"{100 * summary['best_val_top1']:.2f}%), checkpoints in {summary['run_dir']}")
@@ -97,6 +103,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     r = evaluate_checkpoint(args.checkpoint, args.data, device=args.device, batch_size=args.batch_size,
                             workers=args.workers, val_split=args.val_split, amp=args.amp)
+    if not _is_rank0():
+        return 0
     if args.plot:
         plot_confusion(r["confusion"], r["class_names"], args.plot)
     if args.json:
