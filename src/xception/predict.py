@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def load_for_inference(path: str | Path, device: torch.device, *, channels_last: bool = True):
-    """``(model, class_names, image_size, crop_pct)`` from one of our checkpoints."""
+    """``(model, class_names, image_size, crop_pct, train_config)`` from one of our checkpoints."""
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path=path)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -33,7 +33,7 @@ def load_for_inference(path: str | Path, device: torch.device, *, channels_last:
     size = int(tc.get("image_size") or 299)
     crop_pct = float(tc.get("crop_pct") or 0.875)
     classes = ckpt.get("class_names") or [str(i) for i in range(model.config.num_classes)]
-    return model, list(classes), size, crop_pct
+    return model, list(classes), size, crop_pct, tc
 
 
 def eval_dataset(data: str | Path, classes: Sequence[str], transform, val_split: float | None = None) -> Dataset:
@@ -68,7 +68,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, device: str
 
     env = D.setup(device)
     try:
-        model, classes, size, crop_pct = load_for_inference(checkpoint, env.device)
+        model, classes, size, crop_pct, tc = load_for_inference(checkpoint, env.device)
+        if val_split is None and tc.get("val_split") and str(tc.get("data")) == str(data):
+            val_split = tc["val_split"]  # the run's own held-out part
         ds = eval_dataset(data, classes, eval_transform(size, crop_pct), val_split)
         loader = DataLoader(IndexedDataset(ds), batch_size=batch_size, num_workers=workers,
                             sampler=ShardSampler(len(ds), num_replicas=env.world_size, rank=env.rank),
@@ -121,7 +123,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str], *, topk: int = 5, dev
         raise ValueError(f"topk must be >= 1, got {topk!r}")
     env = D.setup(device)
     try:
-        model, classes, size, crop_pct = load_for_inference(checkpoint, env.device)
+        model, classes, size, crop_pct, _ = load_for_inference(checkpoint, env.device)
         paths = expand_inputs(inputs)[env.rank::env.world_size]
         loader = DataLoader(ImagePaths(paths, eval_transform(size, crop_pct)), batch_size=batch_size,
                             num_workers=workers, collate_fn=collate_paths)
