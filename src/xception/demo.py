@@ -64,7 +64,7 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", **overrides:
     wall = time.perf_counter() - start
     summary = {
         "task": "scikit-learn digits, 10 classes, stratified 80/20 split (1437 train / 360 held-out)",
-        "model": "xception (seed architecture, 8 middle blocks, 20.8M parameters at 10 classes)",
+        "model": _describe(ckpt),
         "settings": settings,
         "heldout_top1": metrics["top1"], "heldout_top5": metrics["top5"], "heldout_loss": metrics["loss"],
         "heldout_images": metrics["count"],
@@ -78,6 +78,15 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", **overrides:
     atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2) + "\n"), mode="w")
     atomic_write(out / "summary.md", lambda f: f.write(summary_markdown(summary)), mode="w")
     return summary
+
+
+def _describe(ckpt: Path) -> str:
+    from .checkpoint import load_checkpoint
+
+    c = load_checkpoint(ckpt)
+    n = sum(v.numel() for k, v in c["model"].items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    return (f"{c['model_name']} (the seed's architecture, {c['config']['middle_blocks']} middle blocks, "
+            f"{n / 1e6:.1f}M parameters at {c['config']['num_classes']} classes)")
 
 
 def summary_markdown(s: dict[str, Any]) -> str:
