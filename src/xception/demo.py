@@ -26,7 +26,7 @@ from .train import TrainConfig, fit
 log = logging.getLogger(__name__)
 
 DEMO_SETTINGS: dict[str, Any] = dict(
-    data="digits", model="xception", recipe="finetune", epochs=6, batch_size=32, image_size=32, lr=2e-3,
+    data="digits", model="xception", recipe="finetune", epochs=5, batch_size=32, image_size=32, lr=2e-3,
     train_scale=0.7, hflip=False, crop_pct=1.0, warmup_epochs=0.5, drop_rate=0.1, ema_decay=0.99,
     label_smoothing=0.1, workers=0, seed=0,
 )
