@@ -45,10 +45,13 @@ def _is_rank0() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .engine import NonFiniteLossError
     from .train import TrainConfig, TrainingInterrupted, fit
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "verbose")}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields}
     options["model_kwargs"] = dict(options["model_kwargs"] or [])
     try:
         summary = fit(TrainConfig(**options))
