@@ -371,7 +371,7 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
     log.info("training %s (%.1fM parameters) on %s: %d train / %d val images, %d classes, %d epochs, "
              "batch %d x %d rank(s), %s, amp %s", cfg.model, n_params / 1e6, cfg.data, len(splits.train),
              len(splits.val), len(classes), cfg.epochs, cfg.batch_size, env.world_size, env.device,
-             dtype or "off")
+             {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off"))
 
     def checkpoint_dict() -> dict[str, Any]:
         rng = D.gather_objects(capture_rng())
