@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder
+from image_folders import make_image_folder
 from xception.data import (DigitsDataset, EpochSampler, IndexedDataset, SafeImageFolder, build_datasets,
                            collate_skip, eval_transform, expand_inputs, train_transform)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_image_folder
+from image_folders import make_image_folder, tiny_folder  # noqa: F401  (fixture)
 from xception.checkpoint import load_checkpoint, model_from_checkpoint
 from xception.cli import main
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic image folders (colour decides the class)."""
+"""Tiny synthetic image folders for the training tests (colour decides the class)."""
 
 from __future__ import annotations
 
