@@ -211,3 +211,14 @@ def test_bad_inputs_give_one_line_errors(tiny_folder, reference_run, tmp_path, c
 
     rc, err = run(["predict", "--checkpoint", str(reference_run / "last.pt"), str(tmp_path / "nope.png")])
     assert rc == 2 and "nope.png" in err and len(err.splitlines()) == 1
+
+
+def test_val_split_run_and_eval_of_the_same_held_out_part(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "flat", {"": {"a": 4, "b": 4}})
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--val-split", "0.25", "--out", str(out), "--epochs", "1", *SMALL]) == 0
+    m = json.loads((out / "metrics.jsonl").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "last.pt"), "--data", str(data), "--json", "--workers", "0"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["count"] == 2 and r["loss"] == pytest.approx(m["val_loss"], rel=1e-5)  # the run's 2 held-out images
