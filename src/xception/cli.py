@@ -43,7 +43,168 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert)
 
 
-SUBCOMMANDS = [add_models, add_convert]
+def _kv(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (``middle_blocks=0``, ``residual=false``)."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .engine import NonFiniteLossError
+    from .train import TrainConfig, TrainingInterrupted, fit
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields}
+    options["model_kwargs"] = dict(options["model_kwargs"] or [])
+    try:
+        summary = fit(TrainConfig(**options))
+    except TrainingInterrupted as e:
+        print(f"xception train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except NonFiniteLossError as e:
+        print(f"xception train: error: {e}", file=sys.stderr)
+        return 1
+    if summary["last"] is not None and _is_rank0():
+        last = summary["last"]
+        print(f"done: {summary['epochs']} epochs, val top-1 {100 * last['val_top1']:.2f}% (best "
+              f"{100 * summary['best_val_top1']:.2f}%), checkpoints in {summary['run_dir']}")
+    return 0
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train or fine-tune on digits or a folder of images (torchrun-ready)")
+    p.add_argument("--data", required=True, help="'digits' or a folder: DATA/{train,val}/<class>/* or DATA/<class>/*")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, curves.png)")
+    p.add_argument("--model", default="xception")
+    p.add_argument("--model-kwargs", nargs="+", type=_kv, metavar="KEY=VALUE", help="model config, e.g. middle_blocks=4")
+    p.add_argument("--pretrained", help="'keras', 'timm' or a weights file to start from")
+    p.add_argument("--recipe", choices=["paper", "finetune"], default="finetune",
+                   help="paper: SGD 0.045 x0.94/2 epochs, dropout 0.5, EMA; finetune: AdamW + cosine (default)")
+    for name, kind in [("epochs", int), ("batch-size", int), ("image-size", int), ("lr", float),
+                       ("weight-decay", float), ("drop-rate", float), ("ema-decay", float),
+                       ("label-smoothing", float), ("warmup-epochs", float), ("max-grad-norm", float)]:
+        p.add_argument(f"--{name}", type=kind, help="default: the recipe's" if name != "max-grad-norm" else "clip")
+    p.add_argument("--train-scale", type=float, help="smallest area fraction of the random-resized crop")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
+    p.add_argument("--crop-pct", type=float, default=0.875, help="evaluation: resize to size/crop_pct, centre-crop")
+    p.add_argument("--val-split", type=float, help="hold out this fraction when DATA has no train/val folders")
+    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation: batches per optimizer step")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes per rank")
+    p.add_argument("--resume", nargs="?", const="", metavar="CKPT", help="continue a run (default: OUT/last.pt)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: when stderr is a terminal)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .predict import evaluate_checkpoint, plot_confusion
+
+    r = evaluate_checkpoint(args.checkpoint, args.data, device=args.device, batch_size=args.batch_size,
+                            workers=args.workers, val_split=args.val_split, amp=args.amp)
+    if not _is_rank0():
+        return 0
+    if args.plot:
+        plot_confusion(r["confusion"], r["class_names"], args.plot)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['count']} images: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  loss {r['loss']:.4f}")
+        for name, acc in r["per_class"].items():
+            print(f"  {name}: " + ("-" if acc is None else f"{100 * acc:.2f}%"))
+        if r["skipped"]:
+            print(f"{r['skipped']} unreadable images skipped", file=sys.stderr)
+    return 1 if r["skipped"] else 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5/loss/per-class accuracy of a checkpoint on held-out data")
+    p.add_argument("--checkpoint", required=True, help="last.pt / best.pt of a training run")
+    p.add_argument("--data", required=True, help="'digits' (its val split), DATA/val, or DATA/<class>/*")
+    p.add_argument("--val-split", type=float, help="evaluate the held-out fraction of a train run's --val-split")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", nargs="?", const="confusion_matrix.png", metavar="PNG", help="write a confusion matrix")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .predict import predict
+
+    failures = 0
+    for row in predict(args.checkpoint, args.images, topk=args.topk, device=args.device,
+                       batch_size=args.batch_size, workers=args.workers, amp=args.amp):
+        if "error" in row:
+            failures += 1
+            print(f"xception predict: error: {row['path']}: {row['error']}", file=sys.stderr)
+            if not args.json:
+                continue
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in row["top"])
+            print(f"{row['path']}: {tops}", flush=True)
+    return 1 if failures else 0
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify images (files, folders, globs) with a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo, summary_markdown
+
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    summary = run_demo(args.out, device=args.device, **overrides)
+    print(summary_markdown(summary))
+    return 0
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train Xception on scikit-learn's digits, evaluate, predict, summarise")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--epochs", type=int, help="override the demo's epoch count")
+    p.set_defaults(func=cmd_demo)
+
+
+SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_convert, add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:
