@@ -2,6 +2,7 @@
 
 from .config import XceptionConfig
 from .model import Block, SeparableConv2d, Xception, xception
+from .optimize import optimize
 from .registry import create_model, list_models, register_model
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "XceptionConfig",
     "create_model",
     "list_models",
+    "optimize",
     "register_model",
     "xception",
 ]

@@ -39,9 +39,17 @@ class ExportReport:
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
-        torch.onnx.export(model, (example,), path, dynamo=True, input_names=["input"], output_names=["output"],
-                          dynamic_shapes=({0: batch},), verbose=False)
+    quiet = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(max(q.getEffectiveLevel(), logging.WARNING))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+            torch.onnx.export(model, (example,), path, dynamo=True, input_names=["input"],
+                              output_names=["output"], dynamic_shapes=({0: batch},), verbose=False)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
 
 
 def _onnx_runner(path: str):
