@@ -63,9 +63,13 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .export import export_model
     from .registry import create_model
 
+    if not Path(args.out).resolve().parent.is_dir():  # fail before loading anything
+        raise FileNotFoundError(f"output folder {str(Path(args.out).parent)!r} does not exist")
     if args.checkpoint is None:
         logging.getLogger(__name__).warning("no --checkpoint: exporting randomly initialised weights")
         model = create_model(args.model)

@@ -90,7 +90,9 @@ def randomize_batchnorm_(model: nn.Module, *, generator: torch.Generator | None 
 
 
 def _example_input(model: nn.Module, size: int, device: torch.device) -> torch.Tensor:
-    in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
+    in_chans = getattr(getattr(model, "config", None), "in_chans", None)
+    if in_chans is None:  # not one of ours: the first conv says
+        in_chans = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
     return torch.randn(1, in_chans, size, size, device=device)
 
 
