@@ -192,6 +192,7 @@ def run_bench(
     repeats: int = 5,
     min_round_s: float = 0.5,
     seed: int = 0,
+    threads: int | None = None,
     model_kwargs: dict | None = None,
 ) -> dict:
     """Benchmark our modes and the peers; return the JSON-ready report (see module docstring).
@@ -203,6 +204,7 @@ def run_bench(
         cuda_graphs: also time our eager/fused modes through CUDA graphs; default on CUDA for
             batch <= 8.
         repeats: timing rounds; each round times every candidate for at least ``min_round_s``.
+        threads: CPU threads for every candidate (PyTorch and ONNX Runtime alike); default as is.
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -220,6 +222,10 @@ def run_bench(
             raise ValueError(f"--compare takes {', '.join(PEERS)}, got {p!r}")
     if cuda_graphs is None:
         cuda_graphs = dev.type == "cuda" and batch_size <= 8
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
 
     torch.manual_seed(seed)
     model = create_model(model_name, **(model_kwargs or {}))

@@ -39,7 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        modes=_csv(args.modes) if args.modes else None,
                        compare=_csv(args.compare) if args.compare is not None else None,
                        cuda_graphs=args.cuda_graphs, warmup=args.warmup, repeats=args.repeats,
-                       min_round_s=args.min_round_s)
+                       min_round_s=args.min_round_s, threads=args.threads)
     print(json.dumps(report, indent=None if args.json else 2) if args.json else format_table(report))
     return 0
 
@@ -58,6 +58,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3, help="warm-up calls per candidate")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--min-round-s", type=float, default=1.0, help="seconds each candidate runs per round")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every candidate (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
