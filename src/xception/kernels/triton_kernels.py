@@ -167,6 +167,10 @@ def _blocks_sepconv(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     test suite); on a GPU, 64x128 output tiles with 32-channel depthwise steps."""
     if INTERPRET:
         return 16, 16, 16, 1
+    override = os.environ.get("XCEPTION_SEPCONV_BLOCKS")  # "BM,BN,BK,WARPS", for tuning sweeps
+    if override:
+        bm, bn, bk, w = (int(v) for v in override.split(","))
+        return bm, bn, bk, w
     block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
     block_m = 64 if m >= 64 else 16
     return block_m, block_n, 32, 4
