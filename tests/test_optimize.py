@@ -201,3 +201,14 @@ def test_bench_cli_json(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["results"][0]["impl"] == "ours" and report["best_peer"] is None and report["speedup"] is None
     assert main(["bench", "--dtype", "int3"]) == 2
+
+
+def test_compile_mode_freezes_and_matches():
+    """mode='compile' really freezes (weights become constants) and keeps the function."""
+    net = randomize_batchnorm_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())).eval()
+    x = torch.randn(1, 3, 12, 12)
+    fast = optimize(net, mode="compile", example_shape=(1, 3, 12, 12))
+    assert fast.compile_seconds > 0
+    first = _check(fast, net, x, FP32) and fast(x)
+    fast.module.module[0].weight.data.add_(1.0)  # a frozen graph no longer reads the parameter
+    assert torch.equal(fast(x), first)

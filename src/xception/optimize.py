@@ -361,6 +361,23 @@ class FusedXception(nn.Module):
 # 3. The returned module
 
 
+class _Frozen(nn.Module):
+    """``torch.compile`` with Inductor's freezing on. Freezing must be set in Inductor's config
+    while a graph compiles (passing it in ``torch.compile(options=...)`` was seen not to freeze),
+    and compiling happens on the first call of each shape: so every call runs under the patch."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.compiled = torch.compile(module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
+
+
 class _CudaGraphs(nn.Module):
     """Replay one captured CUDA graph per input shape (static input/output buffers)."""
 
@@ -449,7 +466,7 @@ def optimize(
     if mode in ("eager", "compile"):
         module = fold_batchnorms(model).to(device=device, dtype=dtype, memory_format=torch.channels_last)
     if mode == "compile":
-        module = torch.compile(module, options={"freezing": True})
+        module = _Frozen(module)
     if cuda_graphs:
         module = _CudaGraphs(module)
     out = OptimizedModel(module, device=device, dtype=dtype, mode=mode + ("+cuda-graphs" if cuda_graphs else ""))
