@@ -176,6 +176,13 @@ def _blocks_sepconv(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     return block_m, block_n, 32, 4
 
 
+def _too_big(x: torch.Tensor, out_channels: int) -> bool:
+    """Whether an input or output element offset could pass 2**31 (the kernels index in int32)."""
+    limit = 2**31 - 1
+    biggest = max(x.numel(), x.shape[0] * out_channels * x.shape[2] * x.shape[3])
+    return x.shape[0] > 1 and (biggest > limit or max(st * (n - 1) for st, n in zip(x.stride(), x.shape)) >= limit)
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(2), t.stride(3), t.stride(1)  # (b, h, w, c)
 
@@ -196,6 +203,14 @@ def separable_conv(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`~xception.kernels.reference.separable_conv_reference`."""
+    if _too_big(x, pw_weight.shape[1]):  # 32-bit offsets in the kernel: split the batch
+        half = x.shape[0] // 2
+        parts = [separable_conv(x[s], dw_weight, pw_weight, bias, dw_bias=dw_bias, stride=stride, padding=padding,
+                                dilation=dilation, relu_in=relu_in, mid_activation=mid_activation,
+                                relu_out=relu_out, residual=None if residual is None else residual[s])
+                 for s in (slice(0, half), slice(half, None))]
+        return torch.cat(parts).contiguous(memory_format=torch.channels_last)
+    pw_weight = pw_weight.contiguous()
     bsz, chans, height, width = x.shape
     ks = dw_weight.shape[-1]
     n = pw_weight.shape[1]
@@ -235,6 +250,15 @@ def max_pool_add(
     skip_stride: int = 2,
 ) -> torch.Tensor:
     """Triton version of :func:`~xception.kernels.reference.max_pool_add_reference`."""
+    if _too_big(x, x.shape[1]) or (skip_input is not None and _too_big(skip_input, skip_input.shape[1])):
+        half = x.shape[0] // 2
+        parts = [max_pool_add(x[s], None if residual is None else residual[s], stride=stride, dilation=dilation,
+                              padding=padding, skip_input=None if skip_input is None else skip_input[s],
+                              skip_weight=skip_weight, skip_bias=skip_bias, skip_stride=skip_stride)
+                 for s in (slice(0, half), slice(half, None))]
+        return torch.cat(parts).contiguous(memory_format=torch.channels_last)
+    if skip_weight is not None:
+        skip_weight = skip_weight.contiguous()
     bsz, chans, height, width = x.shape
     oh, pad_top = pool_output_size(height, stride=stride, dilation=dilation, padding=padding)
     ow, pad_left = pool_output_size(width, stride=stride, dilation=dilation, padding=padding)
