@@ -162,7 +162,6 @@ def fold_batchnorms(model: nn.Module, *, example_size: int = 64, check: bool = T
     With ``check``, the copy is compared with the original on the example input (fp32) and a
     ``RuntimeError`` is raised if they differ (which would mean a conv output had other readers).
     """
-    ref = model.eval()
     folded = copy.deepcopy(model).eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = _example_input(model, example_size, device)
@@ -176,8 +175,12 @@ def fold_batchnorms(model: nn.Module, *, example_size: int = 64, check: bool = T
         setattr(folded.get_submodule(parent_name) if parent_name else folded, attr, nn.Identity())
     log.debug("folded %d batch norms", len(pairs))
     if check:
-        with torch.no_grad():
-            err = relative_error(folded(example), ref(example))
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                err = relative_error(folded(example), model.eval()(example))
+        finally:
+            model.train(was_training)
         if err > 1e-4:
             raise RuntimeError(f"batch-norm folding changed the model's output (relative error {err:.2e})")
     for p in folded.parameters():
