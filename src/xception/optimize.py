@@ -165,7 +165,11 @@ def fold_batchnorms(model: nn.Module, *, example_size: int = 64, check: bool = T
     folded = copy.deepcopy(model).eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = _example_input(model, example_size, device)
-    pairs = find_conv_bn_pairs(folded, example)
+    try:
+        pairs = find_conv_bn_pairs(folded, example)
+    except (RuntimeError, ValueError):  # too small for this model: retry at ImageNet size
+        example = _example_input(model, 224, device)
+        pairs = find_conv_bn_pairs(folded, example)
     for conv_name, bn_name in pairs:
         conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
         if conv.out_channels != bn.num_features:
