@@ -175,8 +175,11 @@ def test_bench_report_and_peers():
     assert "best ours" in format_table(report)
 
 
-def test_bench_missing_peer_is_reported(monkeypatch):
+def test_bench_cli_json_and_missing_peer(monkeypatch, capsys):
+    """A peer that is not installed is reported in the JSON, not fatal."""
     import builtins
+
+    from xception.cli import main
 
     real_import = builtins.__import__
 
@@ -186,30 +189,12 @@ def test_bench_missing_peer_is_reported(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ort)
-    from xception.cli import main
-
-    assert main(["bench", "--image-size", "40", "--dtype", "fp32", "--modes", "eager", "--compare",
-                 "onnxruntime", "--warmup", "0", "--repeats", "1", "--min-round-s", "0", "--json"]) == 0
-
-
-def test_bench_cli_json(capsys):
-    from xception.cli import main
-
-    code = main(["bench", "--image-size", "40", "--dtype", "fp32", "--modes", "eager", "--compare", "",
+    code = main(["bench", "--image-size", "40", "--dtype", "fp32", "--modes", "eager", "--compare", "onnxruntime",
                  "--warmup", "0", "--repeats", "1", "--min-round-s", "0", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["results"][0]["impl"] == "ours" and report["best_peer"] is None and report["speedup"] is None
+    ours, missing = report["results"]
+    assert ours["impl"] == "ours" and ours["parity_ok"] and ours["images_per_s"] > 0
+    assert missing["impl"] == "onnxruntime" and "onnxruntime" in missing["error"]
+    assert report["best_peer"] is None and report["speedup"] is None
     assert main(["bench", "--dtype", "int3"]) == 2
-
-
-def test_compile_mode_freezes_and_matches():
-    """mode='compile' really freezes (weights become constants) and keeps the function."""
-    net = randomize_batchnorm_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())).eval()
-    x = torch.randn(1, 3, 12, 12)
-    fast = optimize(net, mode="compile", example_shape=(1, 3, 12, 12))
-    assert fast.compile_seconds > 0
-    _check(fast, net, x, FP32)
-    first = fast(x)
-    fast.module.module[0].weight.data.add_(1.0)  # a frozen graph no longer reads the parameter
-    assert torch.equal(fast(x), first)
