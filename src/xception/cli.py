@@ -40,7 +40,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        compare=_csv(args.compare) if args.compare is not None else None,
                        cuda_graphs=args.cuda_graphs, warmup=args.warmup, repeats=args.repeats,
                        min_round_s=args.min_round_s, threads=args.threads)
-    print(json.dumps(report, indent=None if args.json else 2) if args.json else format_table(report))
+    print(json.dumps(report) if args.json else format_table(report))
     return 0
 
 
