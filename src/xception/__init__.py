@@ -4,6 +4,7 @@ from .aligned import AlignedXception, AlignedXceptionConfig
 from .config import XceptionConfig
 from .features import FeatureExtractor, FeatureInfo
 from .model import Block, SeparableConv2d, Xception, xception
+from .optimize import optimize
 from .registry import create_model, list_models, register_model
 from .weights import load_pretrained, load_weights, save_safetensors
 
@@ -20,6 +21,7 @@ __all__ = [
     "list_models",
     "load_pretrained",
     "load_weights",
+    "optimize",
     "register_model",
     "save_safetensors",
     "xception",
