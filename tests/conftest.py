@@ -1,0 +1,28 @@
+"""Session-wide test setup."""
+
+import importlib.util
+import os
+
+import torch
+
+
+def _import_triton_in_interpreter_mode() -> None:
+    # Triton decorates its own language functions (tl.zeros, tl.sum, ...) once, when first
+    # imported: interpreted if TRITON_INTERPRET=1 at that moment, compiled otherwise. Without a GPU
+    # the kernel tests run under the interpreter, so Triton must be imported in that mode before
+    # torch.compile / torch.export in other tests import it in compiled mode. The variable is
+    # restored at once: only tests that ask for the interpreter use it.
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_import_triton_in_interpreter_mode()
