@@ -13,3 +13,19 @@ dependencies = ["torch", "torchvision", "safetensors", "h5py"]
 def xception(pretrained=None, **kwargs):
     """The seed's Xception. ``pretrained``: None, "keras", "timm" or a weights file path."""
     return _create_model("xception", pretrained=pretrained, **kwargs)
+
+
+def _entry(name):
+    def build(pretrained=None, **kwargs):
+        return _create_model(name, pretrained=pretrained, **kwargs)
+
+    build.__name__ = name
+    build.__doc__ = f"{name} (the modified aligned Xception). ``pretrained``: None or a weights file path."
+    return build
+
+
+xception41 = _entry("xception41")
+xception41p = _entry("xception41p")
+xception65 = _entry("xception65")
+xception65p = _entry("xception65p")
+xception71 = _entry("xception71")

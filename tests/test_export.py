@@ -66,3 +66,30 @@ def test_cli_export_bad_output_is_one_line(tmp_path, capsys):
     assert main(["export", "--format", "onnx", str(tmp_path / "no" / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("xception export: error:") and "does not exist" in err and "\n" not in err
+
+
+def test_cli_export_from_safetensors_rebuilds_the_model(model, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    from xception.cli import main
+
+    weights = tmp_path / "m.safetensors"
+    xception.save_safetensors(model, weights, class_names=[f"c{i}" for i in range(7)])
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(weights), "--format", "onnx", "--image-size", "48", str(out)]) == 0
+    assert "relative error vs PyTorch fp32" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 48, 48)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        assert relative_error(got, model(x)) <= 1e-4  # the checkpoint's weights and middle_blocks=0
+
+
+def test_cli_export_rejects_a_checkpoint_of_another_model(model, tmp_path, capsys):
+    from xception.cli import main
+
+    bad = tmp_path / "other.pth"
+    torch.save({"layer.weight": torch.randn(3, 3)}, bad)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(bad), "--format", "onnx", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and "\n" not in err and not out.exists()

@@ -247,14 +247,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .export import export_model
     from .registry import create_model
+    from .weights import load_pretrained
 
     if not Path(args.out).resolve().parent.is_dir():  # fail before loading anything
         raise FileNotFoundError(f"output folder {str(Path(args.out).parent)!r} does not exist")
     if args.checkpoint is None:
         logging.getLogger(__name__).warning("no --checkpoint: exporting randomly initialised weights")
-        model = create_model(args.model)
+        model = create_model(args.model or "xception")
     else:
-        model = create_model(args.model, pretrained=args.checkpoint)
+        model = load_pretrained(args.model, args.checkpoint)
     report = export_model(model, args.format, args.out, image_size=args.image_size, check=args.check)
     errors = ", ".join(f"batch {b}: {e:.1e}" for b, e in report.errors.items())
     print(f"wrote {report.path} ({report.format})" + (f"; relative error vs PyTorch fp32: {errors}" if errors else ""))
@@ -266,7 +267,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="export to ONNX / TorchScript / exported program, with a parity check")
     p.add_argument("--checkpoint", default=None, help="weights: a checkpoint, .safetensors, .h5 or .pth file")
-    p.add_argument("--model", default="xception", help="model name (default: xception)")
+    p.add_argument("--model", default=None, help="model name (default: the one the checkpoint records, else xception)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--image-size", type=int, default=299, help="side of the tracing input (batch stays dynamic)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
