@@ -18,23 +18,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import GLOBAL_POOLS, _check_choice
+from .config import ModelConfig
 from .features import feature_take_indices
-from .model import checkpoint_module, drop_path
+from .model import check_images, checkpoint_module, drop_path
 from .registry import register_model
 
 DEPTHS = (41, 65, 71)
 
 
 @dataclass(frozen=True)
-class AlignedXceptionConfig:
+class AlignedXceptionConfig(ModelConfig):
     """A modified aligned Xception.
 
     Args:
@@ -64,30 +64,7 @@ class AlignedXceptionConfig:
             raise ValueError(f"depth must be one of {DEPTHS}, got {self.depth!r}")
         if not isinstance(self.preact, bool):
             raise ValueError(f"preact must be True or False, got {self.preact!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
-        if not isinstance(self.in_chans, int) or self.in_chans < 1:
-            raise ValueError(f"in_chans must be an integer >= 1, got {self.in_chans!r}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
-        if self.output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride!r}")
-        if not self.bn_eps > 0:
-            raise ValueError(f"bn_eps must be > 0, got {self.bn_eps!r}")
-        _check_choice("global_pool", self.global_pool, GLOBAL_POOLS)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "AlignedXceptionConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        self._check_common()
 
 
 @dataclass(frozen=True)
@@ -319,11 +296,7 @@ class AlignedXception(nn.Module):
         return out
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.config.in_chans:
-            raise ValueError(f"expected {self.config.in_chans} input channels, got {x.shape[1]} "
-                             f"(input shape {tuple(x.shape)})")
+        check_images(x, self.config.in_chans)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -21,8 +21,39 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+class ModelConfig:
+    """Checks and the dict round-trip shared by the frozen config dataclasses of every model."""
+
+    def _check_common(self) -> None:
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
+        if not isinstance(self.in_chans, int) or self.in_chans < 1:
+            raise ValueError(f"in_chans must be an integer >= 1, got {self.in_chans!r}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+        if not self.bn_eps > 0:
+            raise ValueError(f"bn_eps must be > 0, got {self.bn_eps!r}")
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride!r}")
+        _check_choice("global_pool", self.global_pool, GLOBAL_POOLS)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """Build from a dict (e.g. checkpoint metadata), rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class XceptionConfig:
+class XceptionConfig(ModelConfig):
     """The seed's Xception, with the options of timm/Keras users and the paper's ablations.
 
     Args:
@@ -56,32 +87,8 @@ class XceptionConfig:
     drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
-        if not isinstance(self.in_chans, int) or self.in_chans < 1:
-            raise ValueError(f"in_chans must be an integer >= 1, got {self.in_chans!r}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+        self._check_common()
         if not isinstance(self.middle_blocks, int) or self.middle_blocks < 0:
             raise ValueError(f"middle_blocks must be an integer >= 0, got {self.middle_blocks!r}")
-        if not self.bn_eps > 0:
-            raise ValueError(f"bn_eps must be > 0, got {self.bn_eps!r}")
-        if self.output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride!r}")
-        _check_choice("global_pool", self.global_pool, GLOBAL_POOLS)
         _check_choice("intermediate_activation", self.intermediate_activation, ACTIVATIONS)
         _check_choice("pool_padding", self.pool_padding, POOL_PADDINGS)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "XceptionConfig":
-        """Build from a dict (e.g. checkpoint metadata), rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

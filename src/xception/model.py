@@ -65,6 +65,17 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep / (1.0 - p)
 
 
+def check_images(x: torch.Tensor, in_chans: int, min_size: int = 1) -> None:
+    """Raise a ValueError naming the problem unless ``x`` is a (B, in_chans, H, W) batch >= min_size."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
+    if min(x.shape[-2:]) < min_size:
+        raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is too small for Xception: the minimum "
+                         f"is {min_size}x{min_size}")
+
+
 class SeparableConv2d(nn.Module):
     """Depthwise ``kernel_size`` conv (``conv1``), then pointwise 1x1 conv (``pointwise``).
 
@@ -252,14 +263,7 @@ class Xception(nn.Module):
         return 7
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.config.in_chans:
-            raise ValueError(f"expected {self.config.in_chans} input channels, got {x.shape[1]} "
-                             f"(input shape {tuple(x.shape)})")
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is too small for Xception: the minimum "
-                             f"is {self.min_input_size}x{self.min_input_size}")
+        check_images(x, self.config.in_chans, self.min_input_size)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
