@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .weights import torch_load_safe
+
 FORMAT = "xception-checkpoint"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -68,10 +70,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
+    ckpt = torch_load_safe(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not an xception training checkpoint (no 'format': '{FORMAT}')")
     for key in ("model_name", "config", "model"):
@@ -90,11 +89,11 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, use_ema: bool = True, path: s
                          f"(known: {', '.join(list_models())})")
     model = create_model(name, **ckpt["config"])
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    load_weights(model, weights, path)
+    load_state_checked(model, weights, path)
     return model
 
 
-def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+def load_state_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
     """``load_state_dict`` with a one-line error naming the file when the layouts disagree."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))

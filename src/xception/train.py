@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import distributed as D
-from .checkpoint import (FORMAT, atomic_write, capture_rng, cpu_state_dict, load_checkpoint, load_weights,
+from .checkpoint import (FORMAT, atomic_write, capture_rng, cpu_state_dict, load_checkpoint, load_state_checked,
                          restore_rng, save_checkpoint, seed_everything)
 from .data import EpochSampler, IndexedDataset, ShardSampler, build_datasets, collate_skip
 from .engine import ModelEma, StepHooks, TrainState, evaluate, train_one_epoch
@@ -309,7 +309,7 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
     seed_everything(cfg.seed + env.rank)
     model = _build_model(cfg, len(classes))
     if ckpt is not None:
-        load_weights(model, ckpt["model"], cfg.resume or "checkpoint")
+        load_state_checked(model, ckpt["model"], cfg.resume or "checkpoint")
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(env.device, memory_format=memory_format)
 
@@ -345,7 +345,7 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema") is not None:
-            load_weights(ema.module, ckpt["ema"], cfg.resume or "checkpoint")
+            load_state_checked(ema.module, ckpt["ema"], cfg.resume or "checkpoint")
         state.epoch, state.step = ckpt["epoch"], ckpt["step"]
         state.epoch_step, state.epoch_samples = ckpt["epoch_step"], ckpt["epoch_samples"]
         state.epoch_stats = dict(ckpt["epoch_stats"])

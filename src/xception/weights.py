@@ -186,17 +186,25 @@ def _looks_like_safetensors(path: Path, head: bytes) -> bool:
         return f.read(1) == b"{"
 
 
-def _read_torch(path: Path) -> WeightFile:
+def torch_load_safe(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors: a pickle that asks for code is refused
+    (nothing from it runs), a truncated or foreign file is a ValueError naming it."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # the restricted unpickler refused a global: nothing ran
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # the restricted unpickler stopped: nothing from the file ran
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        detail = f" (it asks for {found[1]})" if found else ""
-        raise ValueError(f"{path}: refused: the file would build objects other than tensors when unpickled"
-                         f"{detail}; nothing from it was run") from None
+        if found:
+            raise ValueError(f"{path}: refused: unpickling it would call {found[1]}, not build tensors; "
+                             "nothing from it was run") from None
+        raise ValueError(f"{path}: not a weights file the safe loader (torch.load weights_only=True) "
+                         "accepts; nothing from it was run") from None
     except Exception as e:  # RuntimeError (truncated zip), EOFError, ...
         first = _ANSI.sub("", str(e).strip()).split(". ")[0].splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not a readable PyTorch weights file (truncated or corrupt?): {first}") from None
+
+
+def _read_torch(path: Path) -> WeightFile:
+    obj = torch_load_safe(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, got a {type(obj).__name__}")
     if obj.get("format") == "xception-checkpoint":
