@@ -3,7 +3,10 @@
 import importlib.util
 import os
 
-import torch
+# Keras (parity tests) must run on the torch backend; set before anything imports keras.
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import torch  # noqa: E402
 
 
 def _import_triton_in_interpreter_mode() -> None:

@@ -88,12 +88,16 @@ def test_timm_logits_parity(timm_pair, size):
     ref_model, ours = timm_pair
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
     with torch.no_grad():
-        ref = ref_model(x)
-        out = ours(x)
+        ref_feats = ref_model.forward_features(x)
+        feats = ours.forward_features(x)
+        ref = ref_model.forward_head(ref_feats)
+        out = ours.forward_head(feats)
     err, err_centered = parity_errors(out, ref)
+    feat_err = ((feats.double() - ref_feats.double()).norm() / ref_feats.double().norm()).item()
     print(f"timm legacy_xception {size}x{size}: relative L2 error of logits {err:.2e} "
-          f"(input-dependent part {err_centered:.2e})")
+          f"(input-dependent part {err_centered:.2e}), of forward_features {feat_err:.2e}")
     assert err <= 1e-5 and err_centered <= 1e-5
+    assert feats.shape == ref_feats.shape and feat_err <= 1e-5
 
 
 # ---- Keras -----------------------------------------------------------------------------------
