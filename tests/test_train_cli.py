@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from image_folders import make_image_folder, tiny_folder  # noqa: F401  (fixture)
+import xception
 from xception.checkpoint import load_checkpoint, model_from_checkpoint
 from xception.cli import main
 
@@ -222,3 +223,24 @@ def test_val_split_run_and_eval_of_the_same_held_out_part(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(out / "last.pt"), "--data", str(data), "--json", "--workers", "0"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["count"] == 2 and r["loss"] == pytest.approx(m["val_loss"], rel=1e-5)  # the run's 2 held-out images
+
+
+def test_fine_tune_from_a_foreign_imagenet_file(tmp_path):
+    """--pretrained with a timm-layout 1000-class file: backbone loaded, a new 2-class classifier."""
+    torch.manual_seed(0)
+    source = xception.create_model("xception")
+    weights = tmp_path / "timm_layout.pth"
+    state = {k: v + 0.5 * torch.rand_like(v) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    state["last_linear.weight"] = state.pop("fc.weight")  # Cadene's name for the classifier
+    state["last_linear.bias"] = state.pop("fc.bias")
+    torch.save(state, weights)
+    data = make_image_folder(tmp_path / "data", {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}})
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "4",
+                 "--image-size", "16", "--workers", "0", "--device", "cpu", "--pretrained", str(weights),
+                 "--lr", "1e-7"]) == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["config"]["num_classes"] == 2 and ckpt["model"]["fc.weight"].shape == (2, 2048)
+    # a tiny lr: after one step the backbone is still the file's (a fresh init would differ by ~0.05)
+    for key in ("conv1.weight", "block4.rep.1.pointwise.weight", "bn4.weight"):
+        torch.testing.assert_close(ckpt["model"][key], state[key], rtol=0, atol=1e-4)
