@@ -6,6 +6,7 @@ import os
 # Keras (parity tests) must run on the torch backend; set before anything imports keras.
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -29,3 +30,12 @@ def _import_triton_in_interpreter_mode() -> None:
 
 
 _import_triton_in_interpreter_mode()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's many small forward passes (a second one mostly spins)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ SIZE = 64  # feature-map tests
 TRAIN_SIZE = 48  # training-mode tests (forward + backward)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine a second one mostly spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def expected_side(name: str, size: int, reduction: int) -> int:

@@ -17,13 +17,7 @@ ALIGNED = ["xception41", "xception41p", "xception65", "xception65p", "xception71
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine a second one mostly spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
