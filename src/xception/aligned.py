@@ -281,20 +281,6 @@ class AlignedXception(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Map a foreign state dict onto this model's keys.
-
-        timm's files already use these names; this drops the ``module.`` (DDP) and ``_orig_mod.``
-        (torch.compile) prefixes that wrapped models add. Shapes are checked by ``load_state_dict``.
-        """
-        out = {}
-        for key, value in state_dict.items():
-            for prefix in ("module.", "_orig_mod."):
-                if key.startswith(prefix):
-                    key = key[len(prefix):]
-            out[key] = value
-        return out
-
     def _check_input(self, x: torch.Tensor) -> None:
         check_images(x, self.config.in_chans)
 
