@@ -214,7 +214,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_bench
 
     report = run_bench(model_name=args.model, device=args.device, batch_size=args.batch_size,
-                       image_size=args.image_size, dtypes=_csv(args.dtype),
+                       image_size=args.image_size, dtypes=_csv(args.dtype) if args.dtype else None,
                        modes=_csv(args.modes) if args.modes else None,
                        compare=_csv(args.compare) if args.compare is not None else None,
                        cuda_graphs=args.cuda_graphs, warmup=args.warmup, repeats=args.repeats,
@@ -229,7 +229,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--image-size", type=int, default=299)
-    p.add_argument("--dtype", default="bf16", help="our dtype(s), comma-separated: fp32,bf16,fp16 (default: bf16)")
+    p.add_argument("--dtype", default=None,
+                   help="our precision(s), comma-separated: fp32,bf16,fp16,int8 (int8: int8 1x1 convs, bf16 "
+                        "elsewhere; CPU only) (default: bf16,int8 on cpu, bf16 on cuda)")
     p.add_argument("--modes", default=None, help="our modes, comma-separated: eager,compile,fused (default: all)")
     p.add_argument("--compare", default=None, help="peers, comma-separated: timm,onnxruntime (default: both; '' none)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,

@@ -23,6 +23,10 @@ What it does, in order:
 
    On CUDA, ``cuda_graphs=True`` replays a captured CUDA graph per input shape (batch-1 latency).
 
+``dtype="int8"`` (CPU, modes eager and compile) runs the 1x1 convolutions as int8 x int8 -> int32
+products with per-pixel dynamic activation scales and per-channel weight scales
+(:mod:`xception.quantize`), and everything else in bf16. It is held to the bf16 parity bound.
+
 The returned module takes and returns tensors like the original (any device, dtype, layout): it
 moves the input to the target, and returns the output in the input's dtype on the input's device.
 """
@@ -41,11 +45,14 @@ from torch import nn
 
 from . import kernels
 from .model import Block, MaxPool2dSame, SeparableConv2d, Xception
+from .quantize import quantize_pointwise
 
 log = logging.getLogger(__name__)
 
 MODES = ("eager", "compile", "fused", "auto")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The precisions optimize() takes: the float dtypes, and int8 (int8 1x1 convs, the rest bf16).
+PRECISIONS = (*DTYPES, "int8")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -56,6 +63,16 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def resolve_precision(precision: str | torch.dtype) -> tuple[str, torch.dtype]:
+    """``(name, activation dtype)`` of a precision: a float dtype (name or torch dtype) or int8."""
+    if precision in ("int8", torch.int8):
+        return "int8", torch.bfloat16
+    dtype = resolve_dtype(precision) if isinstance(precision, torch.dtype) or precision in DTYPES else None
+    if dtype is None:
+        raise ValueError(f"dtype must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return next(k for k, v in DTYPES.items() if v == dtype), dtype
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -417,11 +434,12 @@ class OptimizedModel(nn.Module):
     """What :func:`optimize` returns: inference only, input/output like the original model's."""
 
     def __init__(self, module: nn.Module, *, device: torch.device, dtype: torch.dtype, mode: str,
-                 compile_seconds: float = 0.0) -> None:
+                 compile_seconds: float = 0.0, precision: str | None = None) -> None:
         super().__init__()
         self.module = module
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype  # of the activations
+        self.precision = precision or resolve_precision(dtype)[0]  # "fp32" | "bf16" | "fp16" | "int8"
         self.mode = mode
         self.compile_seconds = compile_seconds
 
@@ -431,7 +449,7 @@ class OptimizedModel(nn.Module):
         return y.to(x.device, x.dtype if x.is_floating_point() else torch.float32)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, device={str(self.device)!r}, dtype={self.dtype}"
+        return f"mode={self.mode!r}, device={str(self.device)!r}, precision={self.precision!r}"
 
 
 def optimize(
@@ -448,16 +466,22 @@ def optimize(
     Args:
         model: any model of :func:`~xception.list_models` (any conv -> BN structure folds).
         device: where to run (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
-        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (or the torch dtype).
+        dtype: ``"fp32"``, ``"bf16"``, ``"fp16"`` (or the torch dtype), or ``"int8"``: int8 1x1
+            convs and bf16 elsewhere, CPU only, modes eager and compile (``auto`` is compile).
         mode: one of :data:`MODES`.
         cuda_graphs: replay CUDA graphs (CUDA only; best for small batches).
         example_shape: run one input of this shape now, so compilation and autotuning happen
             here (their time is in ``compile_seconds`` of the result) rather than on first use.
     """
     device = torch.device(device)
-    dtype = resolve_dtype(dtype)
+    precision, dtype = resolve_precision(dtype)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"dtype 'int8' is a CPU path, got device {str(device)!r} (use bf16 there)")
+        if mode == "fused":
+            raise ValueError("dtype 'int8' runs in modes eager and compile, not 'fused'")
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA device, got {str(device)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -471,12 +495,17 @@ def optimize(
             log.warning("fused path unavailable (%s); using mode 'eager'", e)
             mode = "eager"
     if mode in ("eager", "compile"):
-        module = fold_batchnorms(model).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        module = fold_batchnorms(model)
+        if precision == "int8":
+            n = quantize_pointwise(module)
+            log.debug("%d pointwise convs in int8", n)
+        module = module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     if mode == "compile":
         module = _Frozen(module)
     if cuda_graphs:
         module = _CudaGraphs(module)
-    out = OptimizedModel(module, device=device, dtype=dtype, mode=mode + ("+cuda-graphs" if cuda_graphs else ""))
+    out = OptimizedModel(module, device=device, dtype=dtype, precision=precision,
+                         mode=mode + ("+cuda-graphs" if cuda_graphs else ""))
     if example_shape is not None:
         start = time.perf_counter()
         out(torch.randn(example_shape, device=device))
