@@ -467,7 +467,8 @@ def optimize(
         model: any model of :func:`~xception.list_models` (any conv -> BN structure folds).
         device: where to run (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
         dtype: ``"fp32"``, ``"bf16"``, ``"fp16"`` (or the torch dtype), or ``"int8"``: int8 1x1
-            convs and bf16 elsewhere, CPU only, modes eager and compile (``auto`` is compile).
+            convs and bf16 elsewhere, CPU only, modes eager and compile (``auto`` is compile,
+            ``fused`` falls back to eager).
         mode: one of :data:`MODES`.
         cuda_graphs: replay CUDA graphs (CUDA only; best for small batches).
         example_shape: run one input of this shape now, so compilation and autotuning happen
@@ -480,8 +481,9 @@ def optimize(
     if precision == "int8":
         if device.type != "cpu":
             raise ValueError(f"dtype 'int8' is a CPU path, got device {str(device)!r} (use bf16 there)")
-        if mode == "fused":
-            raise ValueError("dtype 'int8' runs in modes eager and compile, not 'fused'")
+        if mode == "fused":  # the fused kernels are bf16/fp32 only, like other unsupported structures
+            log.warning("fused path unavailable for dtype int8; using mode 'eager'")
+            mode = "eager"
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA device, got {str(device)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
