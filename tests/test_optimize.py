@@ -175,6 +175,18 @@ def test_bench_report_and_peers():
     assert "best ours" in format_table(report)
 
 
+def test_bench_aligned_model_has_its_timm_peer():
+    pytest.importorskip("timm")
+    from xception.bench import run_bench
+
+    report = run_bench(model_name="xception41p", image_size=48, dtypes=["fp32"], modes=["eager"], compare=["timm"],
+                       warmup=0, repeats=1, min_round_s=0.0)
+    timm_rows = {r["mode"]: r for r in report["results"] if r["impl"] == "timm"}
+    assert not any(r["error"] for r in report["results"])
+    assert timm_rows["eager-fp32-nchw"]["rel_error"] <= FP32  # timm's xception41p with our weights
+    assert report["best_peer"] is not None and report["speedup"] is not None
+
+
 def test_bench_cli_json_and_missing_peer(monkeypatch, capsys):
     """A peer that is not installed is reported in the JSON, not fatal."""
     import builtins

@@ -102,18 +102,26 @@ def _ours(model: nn.Module, device: torch.device, precisions: list[str], modes: 
     return out
 
 
+# Our models and timm's with the same architecture and state-dict keys.
+TIMM_PEERS = {"xception": "legacy_xception",
+              **{n: n for n in ("xception41", "xception65", "xception71", "xception41p", "xception65p")}}
+
+
 def _timm_model(model: nn.Module) -> nn.Module:
     import timm  # noqa: F401 - ImportError is reported by the caller
 
-    if getattr(model, "model_name", None) != "xception":
-        raise ValueError(f"timm has no model with the architecture of {getattr(model, 'model_name', '?')!r}")
+    name = getattr(model, "model_name", None)
+    if name not in TIMM_PEERS:
+        raise ValueError(f"timm has no model with the architecture of {name or type(model).__name__!r}")
     cfg = model.config
-    peer = timm.create_model("legacy_xception", pretrained=False, num_classes=cfg.num_classes,
-                             in_chans=cfg.in_chans)
+    kwargs = {"num_classes": cfg.num_classes, "in_chans": cfg.in_chans}
+    if name != "xception" and cfg.output_stride != 32:
+        kwargs["output_stride"] = cfg.output_stride
+    peer = timm.create_model(TIMM_PEERS[name], pretrained=False, **kwargs)
     try:
         peer.load_state_dict(model.state_dict())
     except RuntimeError as e:
-        raise ValueError(f"this model's weights do not fit timm legacy_xception (config {cfg})") from e
+        raise ValueError(f"this model's weights do not fit timm {TIMM_PEERS[name]} (config {cfg})") from e
     return peer.eval()
 
 
