@@ -143,3 +143,24 @@ def test_dispatch_falls_back_without_triton_on_cpu(monkeypatch):
     ref = torch.nn.functional.conv2d(
         torch.nn.functional.conv2d(x.relu(), dw, None, 1, 1, 1, 8), pw.t()[:, :, None, None])
     assert rel(out, ref) <= 1e-6
+
+
+def test_kernels_compile_for_h100_within_shared_memory():
+    """Every launch the fused network makes (flags, block sizes, fp32 and bf16) compiles for
+    sm_90 with Triton's compiler and ptxas, no GPU needed, and fits in shared memory."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("triton_aot.py")
+    proc = subprocess.run([sys.executable, str(script), "90"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {(r["kernel"], r["x"]) for r in rows} == {
+        (k, x) for k in ("_separable_conv_kernel", "_max_pool_add_kernel") for x in ("*bf16", "*fp32")}
+    assert {r["flags"]["HAS_SKIP"] for r in rows if r["kernel"] == "_max_pool_add_kernel"} == {True, False}
+    assert {r["flags"]["MID"] for r in rows if r["kernel"] == "_separable_conv_kernel"} >= {0, 2}
+    assert all(r["cubin_bytes"] > 0 for r in rows)
+    # 99 KiB: the most one block may use on sm_86/89; sm_80 allows 163 KiB, sm_90 227 KiB
+    assert max(r["shared"] for r in rows) <= 99 * 1024, max(rows, key=lambda r: r["shared"])

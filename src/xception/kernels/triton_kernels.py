@@ -162,9 +162,11 @@ def _max_pool_add_kernel(
     tl.store(o_ptrs, best.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks_sepconv(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+def _blocks_sepconv(m: int, n: int, k: int, ieee: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). Small tiles under the interpreter (speed of the
-    test suite); on a GPU, 64x128 output tiles with 32-channel depthwise steps."""
+    test suite); on a GPU, 64x128 output tiles with 32-channel depthwise steps. The fp32 (IEEE)
+    product stages its operands in shared memory: 64x128x32 tiles need 186 KiB there (compiled
+    for sm_90), more than most GPUs have, so fp32 uses 32x128x16 tiles (55 KiB)."""
     if INTERPRET:
         return 16, 16, 16, 1
     override = os.environ.get("XCEPTION_SEPCONV_BLOCKS")  # "BM,BN,BK,WARPS", for tuning sweeps
@@ -172,6 +174,8 @@ def _blocks_sepconv(m: int, n: int, k: int) -> tuple[int, int, int, int]:
         bm, bn, bk, w = (int(v) for v in override.split(","))
         return bm, bn, bk, w
     block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+    if ieee:
+        return (32 if m >= 32 else 16), block_n, 16, 4
     block_m = 64 if m >= 64 else 16
     return block_m, block_n, 32, 4
 
@@ -221,7 +225,7 @@ def separable_conv(
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from the output {tuple(out.shape)}")
     dw = dw_weight.reshape(chans, ks * ks)
     m = bsz * oh * ow
-    block_m, block_n, block_k, warps = _blocks_sepconv(m, n, chans)
+    block_m, block_n, block_k, warps = _blocks_sepconv(m, n, chans, ieee=pw_weight.dtype == torch.float32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     res = residual if residual is not None else out
     _separable_conv_kernel[grid](
