@@ -103,7 +103,8 @@ def block_sweep() -> None:
     b = torch.randn(728, device="cuda")
     moved = (x.numel() * 2) * 2  # read + write, bytes
     rows = []
-    for cfg in ["64,128,32,4", "128,128,32,8", "64,64,64,4", "128,64,32,4", "64,128,64,8", "128,128,64,8"]:
+    for cfg in ["64,128,16,8", "64,128,32,4", "64,128,32,8", "128,128,32,8", "64,64,64,4", "128,64,32,4",
+                "128,128,16,8"]:
         os.environ["XCEPTION_SEPCONV_BLOCKS"] = cfg
         try:
             ms = triton.testing.do_bench(lambda: kernels.separable_conv(x, dw, pw, b, relu_in=True, residual=x),

@@ -164,9 +164,12 @@ def _max_pool_add_kernel(
 
 def _blocks_sepconv(m: int, n: int, k: int, ieee: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). Small tiles under the interpreter (speed of the
-    test suite); on a GPU, 64x128 output tiles with 32-channel depthwise steps. The fp32 (IEEE)
-    product stages its operands in shared memory: 64x128x32 tiles need 186 KiB there (compiled
-    for sm_90), more than most GPUs have, so fp32 uses 32x128x16 tiles (55 KiB)."""
+    test suite). On a GPU, 64x128 output tiles with 16-channel depthwise steps and 8 warps: of
+    the tilings compiled for sm_90 (``tests/triton_aot.py``) the largest whose every launch in
+    the network compiles without register spills (64x128x32 with 4 warps spilled ~1 KiB per
+    thread in the residual launches); chosen from the compiled code, not yet timed on a GPU.
+    The fp32 (IEEE) product stages its operands in shared memory: 64x128x32 tiles need 186 KiB
+    there, more than most GPUs have, so fp32 uses 32x128x16 tiles (55 KiB)."""
     if INTERPRET:
         return 16, 16, 16, 1
     override = os.environ.get("XCEPTION_SEPCONV_BLOCKS")  # "BM,BN,BK,WARPS", for tuning sweeps
@@ -176,8 +179,9 @@ def _blocks_sepconv(m: int, n: int, k: int, ieee: bool = False) -> tuple[int, in
     block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
     if ieee:
         return (32 if m >= 32 else 16), block_n, 16, 4
-    block_m = 64 if m >= 64 else 16
-    return block_m, block_n, 32, 4
+    if m >= 64:
+        return 64, block_n, 16, 8
+    return 16, block_n, 32, 4
 
 
 def _too_big(x: torch.Tensor, out_channels: int) -> bool:
@@ -284,7 +288,8 @@ def max_pool_add(
     if INTERPRET:
         block_m, block_c, block_k, warps = 16, 16, 16, 1
     else:
-        block_m, block_c, block_k, warps = (64, 64, 32, 4) if skip_weight is not None else (32, 128, 32, 4)
+        # 8 warps: with 4, the batch-1 launches spilled registers (compiled for sm_90, tests/triton_aot.py)
+        block_m, block_c, block_k, warps = (64, 64, 32, 8) if skip_weight is not None else (32, 128, 32, 8)
     grid = (triton.cdiv(m, block_m), triton.cdiv(chans, block_c))
     _max_pool_add_kernel[grid](
         x, res, sk, skip_weight if skip_weight is not None else x,
