@@ -103,8 +103,11 @@ def block_sweep() -> None:
     b = torch.randn(728, device="cuda")
     moved = (x.numel() * 2) * 2  # read + write, bytes
     rows = []
-    for cfg in ["64,128,16,8", "64,128,32,4", "64,128,32,8", "128,128,32,8", "64,64,64,4", "128,64,32,4",
-                "128,128,16,8"]:
+    # the default (64x128x16, 8 warps), the first default (64x128x32, 4 warps: spilled in residual
+    # launches), and wider N tiles that recompute the depthwise part 3x instead of 6x at 728 channels
+    # (32x256x16 compiles without spills for sm_90; 64x256x16 spills ~300 B in residual launches)
+    for cfg in ["64,128,16,8", "64,128,32,4", "32,256,16,8", "64,256,16,8", "64,128,32,8", "128,128,16,8",
+                "64,64,64,4"]:
         os.environ["XCEPTION_SEPCONV_BLOCKS"] = cfg
         try:
             ms = triton.testing.do_bench(lambda: kernels.separable_conv(x, dw, pw, b, relu_in=True, residual=x),
