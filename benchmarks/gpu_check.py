@@ -1,6 +1,7 @@
 """One-shot GPU check for a session with a CUDA machine: parity of every fast path, then timings.
 
     PYTHONPATH=src python benchmarks/gpu_check.py            # writes JSON under $OUT (or ./gpu_out)
+    PYTHONPATH=src python benchmarks/gpu_check.py kernels models sweep   # or some steps only
 
 1. Kernel parity at real shapes (728 channels, 19x19, batch 8; 2048 at 10x10): fused separable
    conv and max-pool + skip conv + add against the PyTorch references, fp32 (<= 1e-5) and bf16
@@ -38,7 +39,7 @@ OUT = Path(os.environ.get("OUT", ROOT / "gpu_out"))
 OUT.mkdir(parents=True, exist_ok=True)
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 summary: list[str] = []
-record: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "checks": []}
+record: dict = {"device": None, "torch": torch.__version__, "checks": []}
 
 
 def check(name: str, err: float, bound: float) -> None:
@@ -140,13 +141,31 @@ def bench(batch: int, name: str) -> None:
                        f"p50 {r['latency_ms_p50'] or 0:.3f} ms err {r['rel_error']}")
 
 
+STEPS = {
+    "kernels": kernel_parity,
+    "models": model_parity,
+    "sweep": block_sweep,
+    "bench256": lambda: bench(256, "bench_cuda_bs256_bf16"),
+    "bench1": lambda: bench(1, "bench_cuda_bs1_bf16"),
+}
+
 if __name__ == "__main__":
-    for step in (kernel_parity, model_parity, block_sweep):
+    # steps to run, in order (default: all); e.g. `gpu_check.py bench256 bench1` to split the work
+    # over two device calls
+    names = sys.argv[1:] or list(STEPS)
+    unknown = [n for n in names if n not in STEPS]
+    if unknown:
+        sys.exit(f"unknown step(s) {unknown}; choose from {list(STEPS)}")
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check needs a CUDA GPU")
+    record["device"] = torch.cuda.get_device_name(0)
+    for name in names:
+        start = time.time()
         try:
-            step()
+            STEPS[name]()
         except Exception:  # noqa: BLE001
-            summary.append(f"ERR {step.__name__}: {traceback.format_exc()[-400:]}")
+            summary.append(f"ERR {name}: {traceback.format_exc()[-400:]}")
+        summary.append(f"step {name}: {time.time() - start:.0f} s")
         (OUT / "gpu_check.json").write_text(json.dumps(record, indent=1))
-    bench(256, "bench_cuda_bs256_bf16")
-    bench(1, "bench_cuda_bs1_bf16")
+        print(summary[-1], flush=True)
     print("\n".join(summary))
