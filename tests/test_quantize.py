@@ -18,8 +18,8 @@ def _emulated(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """What the int8 conv must compute, in float64: quantize, dequantize, convolve."""
     x = x.double()[:, :, ::conv.stride[0], ::conv.stride[1]]
     rows = x.permute(0, 2, 3, 1)  # (B, H, W, C)
-    s_x = rows.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
-    xq = torch.round(rows * (127 / rows.abs().amax(-1, keepdim=True).clamp_min(1e-12))) * s_x
+    amax = rows.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    xq = torch.round(rows * (127 / amax)) * (amax / 127)
     w = conv.weight.double().flatten(1)  # (O, C)
     s_w = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
     wq = torch.round(w / s_w) * s_w

@@ -36,6 +36,7 @@ from xception import kernels  # noqa: E402
 from xception.kernels import triton_kernels as tk  # noqa: E402
 from xception.optimize import FusedXception, randomize_batchnorm_  # noqa: E402
 
+
 class Recorder:
     """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **flags)`` records, runs nothing.
 
@@ -88,13 +89,14 @@ def record_launches(target: GPUTarget) -> dict:
 def covering(seen: dict) -> list:
     """Launches that together show every (kernel, argument type, flag value, warps) at least once."""
     chosen, covered = [], set()
-    for fn, signature, consts, attrs, flags, warps in seen.values():
+    for launch in seen.values():
+        fn, signature, _, _, flags, warps = launch
         name = fn.__name__
         items = ({(name, "x", signature.get("x_ptr"))} | {(name, k, v) for k, v in flags.items()}
                  | {(name, "warps", warps)})
         if not items <= covered:
             covered |= items
-            chosen.append((fn, signature, consts, attrs, flags, warps))
+            chosen.append(launch)
     return chosen
 
 

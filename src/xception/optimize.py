@@ -55,24 +55,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = (*DTYPES, "int8")
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
 def resolve_precision(precision: str | torch.dtype) -> tuple[str, torch.dtype]:
     """``(name, activation dtype)`` of a precision: a float dtype (name or torch dtype) or int8."""
     if precision in ("int8", torch.int8):
         return "int8", torch.bfloat16
-    dtype = resolve_dtype(precision) if isinstance(precision, torch.dtype) or precision in DTYPES else None
-    if dtype is None:
-        raise ValueError(f"dtype must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return next(k for k, v in DTYPES.items() if v == dtype), dtype
+    for name, dtype in DTYPES.items():
+        if precision in (name, dtype):
+            return name, dtype
+    raise ValueError(f"dtype must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -434,12 +424,12 @@ class OptimizedModel(nn.Module):
     """What :func:`optimize` returns: inference only, input/output like the original model's."""
 
     def __init__(self, module: nn.Module, *, device: torch.device, dtype: torch.dtype, mode: str,
-                 compile_seconds: float = 0.0, precision: str | None = None) -> None:
+                 precision: str, compile_seconds: float = 0.0) -> None:
         super().__init__()
         self.module = module
         self.device = device
         self.dtype = dtype  # of the activations
-        self.precision = precision or resolve_precision(dtype)[0]  # "fp32" | "bf16" | "fp16" | "int8"
+        self.precision = precision  # "fp32" | "bf16" | "fp16" | "int8"
         self.mode = mode
         self.compile_seconds = compile_seconds
 

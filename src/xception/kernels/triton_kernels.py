@@ -42,6 +42,15 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _output_pixels(pid_m, B, OH, OW, BLOCK_M: tl.constexpr):
+    """This program's BLOCK_M output pixels (rows of the B*OH*OW x C channels-last view):
+    row index, in-range mask, and the (batch, row, column) of each."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rem = offs_m % (OH * OW)
+    return offs_m, offs_m < B * OH * OW, offs_m // (OH * OW), rem // OW, rem % OW
+
+
+@triton.jit
 def _separable_conv_kernel(
     x_ptr, dw_ptr, dwb_ptr, pw_ptr, bias_ptr, res_ptr, out_ptr,
     B, H, W, C, OH, OW, N,
@@ -55,13 +64,7 @@ def _separable_conv_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    M = B * OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    b = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
+    offs_m, mask_m, b, oh, ow = _output_pixels(pid_m, B, OH, OW, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
 
@@ -118,13 +121,7 @@ def _max_pool_add_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    M = B * OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    b = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
+    offs_m, mask_m, b, oh, ow = _output_pixels(pid_m, B, OH, OW, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
 
