@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
-from xception.registry import create_model as _create_model  # noqa: E402
+from xception import create_model as _create_model  # noqa: E402
 
 dependencies = ["torch", "torchvision", "safetensors", "h5py"]
 

@@ -1,19 +1,30 @@
-"""Xception (Chollet, CVPR 2017) in PyTorch."""
+"""Xception (Chollet, CVPR 2017) in PyTorch.
 
-from .aligned import AlignedXception, AlignedXceptionConfig
-from .config import XceptionConfig
-from .features import FeatureExtractor, FeatureInfo
-from .model import Block, SeparableConv2d, Xception, xception
-from .optimize import optimize
-from .registry import create_model, list_models, register_model
+The package, from the bottom up (each layer imports only the ones above it in this list):
+
+    fileio, extras, preprocessing   atomic writes and safe loads, optional extras, input transforms
+    models/                         configs, layers, the two families, registry, feature maps
+    weights/                        public sources, file readers, Keras conversion, matching, loading
+    factory                         create_model: registry + weights + backbone view
+    training/                       data, engine, checkpoints, distributed, recipes, reports, fit
+    inference/                      predict/eval, folding, fused kernels, int8, optimize, export, bench
+    demo, cli                       the main job and the command line
+"""
+
+from .factory import create_model
+from .models import (AlignedXception, AlignedXceptionConfig, Block, FeatureExtractor, FeatureInfo, SeparableConv2d,
+                     Xception, XceptionConfig, list_models, register_model, xception)
+from .inference import optimize
+from .preprocessing import Preprocessing
 from .weights import load_pretrained, load_weights, save_safetensors
 
 __all__ = [
     "AlignedXception",
     "AlignedXceptionConfig",
+    "Block",
     "FeatureExtractor",
     "FeatureInfo",
-    "Block",
+    "Preprocessing",
     "SeparableConv2d",
     "Xception",
     "XceptionConfig",

@@ -11,7 +11,8 @@ import argparse
 import logging
 import sys
 
-from .registry import list_models
+from .extras import MissingExtra
+from .models.registry import list_models
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -65,8 +66,9 @@ def _is_rank0() -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .engine import NonFiniteLossError
-    from .train import TrainConfig, TrainingInterrupted, fit
+    from .training.engine import NonFiniteLossError
+    from .training.recipes import TrainConfig
+    from .training.trainer import TrainingInterrupted, fit
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     options = {k: v for k, v in vars(args).items() if k in fields}
@@ -95,13 +97,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", help="'keras', 'timm' or a weights file to start from")
     p.add_argument("--recipe", choices=["paper", "finetune"], default="finetune",
                    help="paper: SGD 0.045 x0.94/2 epochs, dropout 0.5, EMA; finetune: AdamW + cosine (default)")
-    for name, kind in [("epochs", int), ("batch-size", int), ("image-size", int), ("lr", float),
-                       ("weight-decay", float), ("drop-rate", float), ("ema-decay", float),
-                       ("label-smoothing", float), ("warmup-epochs", float), ("max-grad-norm", float)]:
+    for name, kind in [("epochs", int), ("batch-size", int), ("lr", float), ("weight-decay", float),
+                       ("drop-rate", float), ("ema-decay", float), ("label-smoothing", float),
+                       ("warmup-epochs", float), ("max-grad-norm", float)]:
         p.add_argument(f"--{name}", type=kind, help="default: the recipe's" if name != "max-grad-norm" else "clip")
+    p.add_argument("--image-size", type=int, help="input side (default: the pretrained weights', else 299)")
     p.add_argument("--train-scale", type=float, help="smallest area fraction of the random-resized crop")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
-    p.add_argument("--crop-pct", type=float, default=0.875, help="evaluation: resize to size/crop_pct, centre-crop")
+    p.add_argument("--crop-pct", type=float,
+                   help="evaluation: resize to size/crop_pct, centre-crop (default: the weights', else 0.875)")
     p.add_argument("--val-split", type=float, help="hold out this fraction when DATA has no train/val folders")
     p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation: batches per optimizer step")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
@@ -114,13 +118,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const="", metavar="CKPT", help="continue a run (default: OUT/last.pt)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help='TensorBoard events in OUT/tensorboard (default: when pip install "xception[tensorboard]" is done)')
     p.set_defaults(func=cmd_train)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .predict import evaluate_checkpoint, plot_confusion
+    from .inference.predict import evaluate_checkpoint
+    from .training.reporting import plot_confusion
 
     r = evaluate_checkpoint(args.checkpoint, args.data, device=args.device, batch_size=args.batch_size,
                             workers=args.workers, val_split=args.val_split, amp=args.amp)
@@ -156,7 +163,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from .predict import predict
+    from .inference.predict import predict
 
     failures = 0
     for row in predict(args.checkpoint, args.images, topk=args.topk, device=args.device,
@@ -211,7 +218,7 @@ def _csv(value: str) -> list[str]:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from .bench import format_table, run_bench
+    from .inference.bench import format_table, run_bench
 
     report = run_bench(model_name=args.model, device=args.device, batch_size=args.batch_size,
                        image_size=args.image_size, dtypes=_csv(args.dtype) if args.dtype else None,
@@ -228,7 +235,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="xception", help="model name (default: xception)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=299)
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: 299, the default preprocessing's)")
     p.add_argument("--dtype", default=None,
                    help="our precision(s), comma-separated: fp32,bf16,fp16,int8 (int8: int8 1x1 convs, bf16 "
                         "elsewhere; CPU only) (default: bf16,int8 on cpu, bf16 on cuda)")
@@ -247,8 +254,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .export import export_model
-    from .registry import create_model
+    from .factory import create_model
+    from .inference.export import export_model
     from .weights import load_pretrained
 
     if not Path(args.out).resolve().parent.is_dir():  # fail before loading anything
@@ -265,13 +272,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    from .export import FORMATS
+    from .inference.export import FORMATS
 
     p = sub.add_parser("export", help="export to ONNX / TorchScript / exported program, with a parity check")
     p.add_argument("--checkpoint", default=None, help="weights: a checkpoint, .safetensors, .h5 or .pth file")
     p.add_argument("--model", default=None, help="model name (default: the one the checkpoint records, else xception)")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--image-size", type=int, default=299, help="side of the tracing input (batch stays dynamic)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side of the tracing input (default: the weights' preprocessing; the batch stays dynamic)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="run batch 1 and 3 through the file and compare with PyTorch (default: on)")
     p.add_argument("out", help="output file")
@@ -298,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xception: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, MissingExtra) as e:
         print(f"xception {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,10 +18,12 @@ from typing import Any
 
 from PIL import Image
 
-from .checkpoint import atomic_write
-from .data import DigitsDataset
-from .predict import evaluate_checkpoint, predict
-from .train import TrainConfig, fit
+from .fileio import atomic_write
+from .inference.predict import evaluate_checkpoint, predict
+from .training.checkpoint import load_checkpoint
+from .training.data import DigitsDataset
+from .training.recipes import TrainConfig
+from .training.trainer import fit
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +83,6 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", **overrides:
 
 
 def _describe(ckpt: Path) -> str:
-    from .checkpoint import load_checkpoint
-
     c = load_checkpoint(ckpt)
     n = sum(v.numel() for k, v in c["model"].items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     return (f"{c['model_name']} (the seed's architecture, {c['config']['middle_blocks']} middle blocks, "

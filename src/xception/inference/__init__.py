@@ -1,0 +1,15 @@
+"""Inference: prediction and evaluation from checkpoints, and the fast paths.
+
+    predict    classify images, evaluate a checkpoint on held-out data
+    folding    batch norms folded into convolutions (export and every fast path start here)
+    fused      the seed model run by the fused Triton kernels (kernels/)
+    quantize   int8 1x1 convolutions for CPUs
+    optimize   optimize(): folding + dtype + eager / compile / fused / CUDA graphs
+    parity     relative error and the bounds each precision is held to
+    export     ONNX, TorchScript, exported program, with a parity check
+    bench      our paths against the peers people deploy with, in one process
+"""
+
+from .optimize import MODES, PRECISIONS, OptimizedModel, optimize
+
+__all__ = ["MODES", "PRECISIONS", "OptimizedModel", "optimize"]

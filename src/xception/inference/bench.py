@@ -1,0 +1,395 @@
+"""``xception bench``: images/s and latency of our inference paths against timm and ONNX Runtime.
+
+Every candidate (each of our modes, each peer mode) is built and warmed up first (compile time
+reported separately), then timed in interleaved rounds — round r times every candidate in turn —
+so that a change in machine load hits all of them alike. Latency is per call (device events on
+CUDA, the host clock after a synchronize otherwise); images/s is batch / median latency.
+
+Peers share our weights where the architecture matches (timm's ``legacy_xception`` has our
+state-dict keys), so each result also carries its relative error against our fp32 eager model
+on the benchmark input. A missing peer (not installed, other architecture) is reported in the
+results with an ``error`` and never stops the run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..extras import require
+from ..models.registry import build_model
+from ..preprocessing import Preprocessing
+from .optimize import optimize, resolve_precision
+from .parity import TOLERANCE, relative_error
+
+log = logging.getLogger(__name__)
+
+PEERS = ("timm", "onnxruntime")
+OUR_MODES = ("eager", "compile", "fused")
+# Our precisions timed when none are given: the fast ones for the device.
+DEFAULT_PRECISIONS = {"cpu": ["bf16", "int8"], "cuda": ["bf16"]}
+
+
+@dataclass
+class Result:
+    impl: str  # "ours" | "timm" | "onnxruntime"
+    mode: str
+    images_per_s: float | None = None
+    latency_ms_p50: float | None = None
+    latency_ms_p95: float | None = None
+    compile_s: float | None = None
+    rel_error: float | None = None  # against our fp32 eager model, same input
+    parity_ok: bool | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Candidate:
+    result: Result
+    run: Callable[[torch.Tensor], torch.Tensor]
+    latencies: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def randomize_batchnorm_(model: nn.Module, *, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every batch norm random affine parameters and running statistics (in place).
+
+    Freshly built models have identity batch norms, which would hide a wrong fold in tests.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            n = m.num_features
+            dev = m.running_mean.device
+            r = lambda: torch.rand(n, generator=generator).to(dev)  # noqa: E731
+            m.running_mean.copy_((torch.randn(n, generator=generator) * 0.1).to(dev))
+            m.running_var.copy_(0.5 + 1.5 * r())
+            if m.weight is not None:
+                m.weight.copy_(0.5 + r())
+                m.bias.copy_((torch.randn(n, generator=generator) * 0.1).to(dev))
+    return model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_call(fn: Callable, x: torch.Tensor, device: torch.device) -> float:
+    """Seconds for one call."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+
+
+def _ours(model: nn.Module, device: torch.device, precisions: list[str], modes: list[str],
+          shape: tuple[int, ...], cuda_graphs: bool) -> list[tuple[str, Callable[[], nn.Module]]]:
+    out = []
+    for precision in precisions:  # int8 on CUDA: optimize() refuses it, reported as that row's error
+        for mode in modes:
+            if mode == "fused" and device.type != "cuda":
+                continue  # on a CPU the fused path runs the PyTorch references: not a fast path
+            label = f"{mode}-{precision}-channels_last"
+            out.append((label, lambda d=precision, m=mode: optimize(model, device=device, dtype=d, mode=m,
+                                                                      example_shape=shape)))
+            if cuda_graphs and device.type == "cuda" and mode in ("eager", "fused"):
+                out.append((label + "-cudagraphs",
+                            lambda d=precision, m=mode: optimize(model, device=device, dtype=d, mode=m,
+                                                                 cuda_graphs=True, example_shape=shape)))
+    return out
+
+
+# Our models and timm's with the same architecture and state-dict keys.
+TIMM_PEERS = {"xception": "legacy_xception",
+              **{n: n for n in ("xception41", "xception65", "xception71", "xception41p", "xception65p")}}
+
+
+def _timm_model(model: nn.Module) -> nn.Module:
+    timm = require("timm", "bench", "the timm peer")  # MissingExtra is reported by the caller
+
+    name = getattr(model, "model_name", None)
+    if name not in TIMM_PEERS:
+        raise ValueError(f"timm has no model with the architecture of {name or type(model).__name__!r}")
+    cfg = model.config
+    kwargs = {"num_classes": cfg.num_classes, "in_chans": cfg.in_chans}
+    if name != "xception" and cfg.output_stride != 32:
+        kwargs["output_stride"] = cfg.output_stride
+    peer = timm.create_model(TIMM_PEERS[name], pretrained=False, **kwargs)
+    try:
+        peer.load_state_dict(model.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"this model's weights do not fit timm {TIMM_PEERS[name]} (config {cfg})") from e
+    return peer.eval()
+
+
+def _timm_candidates(model: nn.Module, device: torch.device, shape: tuple[int, ...]):
+    peer = _timm_model(model)
+    modes = [(torch.float32, False, False), (torch.float32, True, False),
+             (torch.bfloat16, False, False), (torch.bfloat16, True, False)]
+    if device.type == "cuda":
+        modes.append((torch.bfloat16, True, True))  # timm's best GPU mode
+    out = []
+    for dtype, cl, comp in modes:
+        label = f"{'compile' if comp else 'eager'}-{'fp32' if dtype == torch.float32 else 'bf16'}-" \
+                f"{'channels_last' if cl else 'nchw'}"
+
+        def build(dtype=dtype, cl=cl, comp=comp):
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            m = _copy(peer).to(device=device, dtype=dtype, memory_format=fmt)
+            fn = torch.compile(m) if comp else m
+
+            def run(x, fn=fn, fmt=fmt, dtype=dtype):
+                with torch.no_grad():
+                    return fn(x.to(device, dtype).contiguous(memory_format=fmt))
+            start = time.perf_counter()
+            run(torch.randn(shape, device=device))
+            _sync(device)
+            return run, (time.perf_counter() - start if comp else None)
+        out.append((label, build))
+    return out
+
+
+def _copy(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m)
+
+
+def _ort_candidates(model: nn.Module, device: torch.device, shape: tuple[int, ...]):
+    ort = require("onnxruntime", "bench", "the ONNX Runtime peer")  # MissingExtra is reported by the caller
+
+    from .export import export_model
+
+    peer = _timm_model(model)
+
+    def build():
+        tmp = tempfile.mkdtemp(prefix="xception-bench-")
+        path = os.path.join(tmp, "timm_legacy_xception.onnx")
+        start = time.perf_counter()
+        export_model(peer, "onnx", path, image_size=shape[-1], check=False, fold=False)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = torch.get_num_threads()
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        session = ort.InferenceSession(path, opts, providers=providers)
+        name = session.get_inputs()[0].name
+
+        def run(x):
+            return torch.from_numpy(session.run(None, {name: x.detach().float().cpu().numpy()})[0])
+        run(torch.randn(shape))
+        return run, time.perf_counter() - start
+    label = "fp32-" + ("cuda" if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+                       else "cpu")
+    return [(label, build)]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_bench(
+    *,
+    model_name: str = "xception",
+    device: str = "cpu",
+    batch_size: int = 1,
+    image_size: int | None = None,
+    dtypes: list[str] | None = None,
+    modes: list[str] | None = None,
+    compare: list[str] | None = None,
+    cuda_graphs: bool | None = None,
+    warmup: int = 3,
+    repeats: int = 5,
+    min_round_s: float = 0.5,
+    seed: int = 0,
+    threads: int | None = None,
+    model_kwargs: dict | None = None,
+) -> dict:
+    """Benchmark our modes and the peers; return the JSON-ready report (see module docstring).
+
+    Args:
+        dtypes: our precisions (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``); default
+            :data:`DEFAULT_PRECISIONS` for the device (CPU: bf16 and int8; CUDA: bf16).
+        modes: our modes among :data:`OUR_MODES`; default all that apply to the device.
+        compare: peers among :data:`PEERS`; default both.
+        cuda_graphs: also time our eager/fused modes through CUDA graphs; default on CUDA for
+            batch <= 8.
+        repeats: timing rounds; each round times every candidate for at least ``min_round_s``.
+        threads: CPU threads for every candidate (PyTorch and ONNX Runtime alike); default as is.
+    """
+    dev = torch.device(device)
+    image_size = Preprocessing().image_size if image_size is None else image_size
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if batch_size < 1 or image_size < 1 or repeats < 1:
+        raise ValueError(f"batch size, image size and repeats must be >= 1, got {batch_size}, {image_size}, {repeats}")
+    precisions = [resolve_precision(d)[0] for d in (dtypes or DEFAULT_PRECISIONS.get(dev.type, ["bf16"]))]
+    modes = list(modes or OUR_MODES)
+    for m in modes:
+        if m not in OUR_MODES:
+            raise ValueError(f"mode must be among {', '.join(OUR_MODES)}, got {m!r}")
+    compare = list(PEERS if compare is None else compare)
+    for p in compare:
+        if p not in PEERS:
+            raise ValueError(f"--compare takes {', '.join(PEERS)}, got {p!r}")
+    if cuda_graphs is None:
+        cuda_graphs = dev.type == "cuda" and batch_size <= 8
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+    torch.manual_seed(seed)
+    model = build_model(model_name, **(model_kwargs or {}))
+    randomize_batchnorm_(model, generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    shape = (batch_size, getattr(model.config, "in_chans", 3), image_size, image_size)
+    gen = torch.Generator().manual_seed(seed + 1)
+    inputs = [torch.randn(shape, generator=gen) for _ in range(2)]
+    with torch.no_grad():
+        reference = model(inputs[0]).float()  # fp32 eager on the CPU: the function to match
+    dev_inputs = [x.to(dev) for x in inputs]
+
+    builders: list[tuple[str, str, Callable]] = []
+    failed: list[Result] = []
+    for label, build in _ours(model, dev, precisions, modes, shape, cuda_graphs):
+        builders.append(("ours", label, build))
+    for peer, make in (("timm", _timm_candidates), ("onnxruntime", _ort_candidates)):
+        if peer not in compare:
+            continue
+        try:
+            for label, build in make(model, dev, shape):
+                builders.append((peer, label, build))
+        except (ImportError, ValueError, RuntimeError) as e:
+            log.warning("peer %s unavailable: %s", peer, e)
+            failed.append(Result(peer, "-", error=f"{type(e).__name__}: {e}"))
+
+    candidates: list[_Candidate] = []
+    for impl, label, build in builders:
+        res = Result(impl, label)
+        log.info("building %s %s", impl, label)
+        try:
+            built = build()
+            if impl == "ours":
+                run, res.compile_s = built, built.compile_seconds
+            else:
+                run, res.compile_s = built
+            for _ in range(warmup):
+                run(dev_inputs[0])
+            _sync(dev)
+            with torch.no_grad():
+                res.rel_error = relative_error(run(dev_inputs[0]).float().cpu(), reference)
+            if impl == "ours":
+                res.parity_ok = res.rel_error <= TOLERANCE[built.precision]
+            candidates.append(_Candidate(res, run))
+        except Exception as e:  # noqa: BLE001 - one failing candidate must not stop the benchmark
+            log.warning("%s %s failed: %s", impl, label, e)
+            res.error = f"{type(e).__name__}: {e}"
+            failed.append(res)
+
+    for r in range(repeats):
+        for k, cand in enumerate(candidates):
+            start = time.perf_counter()
+            while True:
+                cand.latencies.append(_time_call(cand.run, dev_inputs[(r + k) % 2], dev))
+                if time.perf_counter() - start >= min_round_s:
+                    break
+        log.info("round %d/%d done", r + 1, repeats)
+
+    results = []
+    for cand in candidates:
+        lat = torch.tensor(cand.latencies, dtype=torch.float64)
+        p50 = lat.median().item()
+        cand.result.latency_ms_p50 = p50 * 1e3
+        cand.result.latency_ms_p95 = torch.quantile(lat, 0.95).item() * 1e3
+        cand.result.images_per_s = batch_size / p50
+        results.append(cand.result)
+    results += failed
+
+    def best(impl_ok):
+        ok = [r for r in results if impl_ok(r.impl) and r.images_per_s is not None and r.parity_ok is not False]
+        return max(ok, key=lambda r: r.images_per_s, default=None)
+
+    ours, peer = best(lambda i: i == "ours"), best(lambda i: i != "ours")
+    return {
+        "device": _device_name(dev),
+        "model": model_name,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+        "repeats": repeats,
+        "results": [asdict(r) for r in results],
+        "best_ours": None if ours is None else {"mode": ours.mode, "images_per_s": ours.images_per_s},
+        "best_peer": None if peer is None else {"impl": peer.impl, "mode": peer.mode,
+                                                "images_per_s": peer.images_per_s},
+        "speedup": None if ours is None or peer is None else ours.images_per_s / peer.images_per_s,
+    }
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        driver = getattr(torch.version, "cuda", None)
+        return f"cuda: {name} (CUDA {driver})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {cpu}, {os.cpu_count()} logical cores, capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("timm", "onnxruntime", "triton"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            out[name] = None
+    return out
+
+
+def format_table(report: dict) -> str:
+    """The report as a plain-text table, fastest first."""
+    rows = sorted(report["results"], key=lambda r: -(r["images_per_s"] or -1))
+    peer = (report["best_peer"] or {}).get("images_per_s")
+    lines = [f"{report['device']} | {report['model']} batch {report['batch_size']} "
+             f"{report['image_size']}x{report['image_size']}",
+             f"{'impl':<12} {'mode':<34} {'img/s':>9} {'p50 ms':>9} {'p95 ms':>9} {'vs peer':>8} "
+             f"{'compile s':>9} {'rel.err':>8}"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"{r['impl']:<12} {r['mode']:<34} unavailable: {r['error']}")
+            continue
+        ratio = f"{r['images_per_s'] / peer:.2f}x" if peer else "-"
+        comp = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
+        err = f"{r['rel_error']:.1e}" if r["rel_error"] is not None else "-"
+        flag = "" if r["parity_ok"] is not False else "  PARITY FAILED"
+        lines.append(f"{r['impl']:<12} {r['mode']:<34} {r['images_per_s']:>9.2f} {r['latency_ms_p50']:>9.2f} "
+                     f"{r['latency_ms_p95']:>9.2f} {ratio:>8} {comp:>9} {err:>8}{flag}")
+    if report["speedup"] is not None:
+        lines.append(f"best ours {report['best_ours']['mode']} / best peer {report['best_peer']['impl']} "
+                     f"{report['best_peer']['mode']}: {report['speedup']:.2f}x")
+    return "\n".join(lines)

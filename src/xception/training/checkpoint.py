@@ -1,0 +1,104 @@
+"""Training checkpoints: atomic save, safe loading, and the random state for exact resume.
+
+A checkpoint (``last.pt`` / ``best.pt``) is a plain dict that ``torch.load(weights_only=True)``
+reads back without unpickling code::
+
+    format       "xception-checkpoint" (CHECKPOINT_FORMAT)
+    model_name   registry name, e.g. "xception"
+    config       dataclasses.asdict(model.config)
+    model        state dict of the unwrapped, uncompiled model (CPU, contiguous)
+    ema          EMA state dict or None; when present, the weights to use for inference
+    class_names  list[str] or None
+    preprocessing  Preprocessing.to_dict() of the run (image size, crop, interpolation, mean, std)
+    optimizer, scheduler, scaler      their state dicts (scaler None without fp16)
+    epoch        completed epochs; step: optimizer steps so far
+    epoch_step   optimizer steps done in the unfinished epoch ``epoch`` (0 at an epoch boundary)
+    epoch_stats  running sums of that unfinished epoch
+    rng          one dict per rank: torch, cuda, numpy and python random states
+    train_config the run's settings (dict); history: the per-epoch metrics so far
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..fileio import atomic_write, torch_load_safe
+from ..models.registry import build_model, list_models
+from ..preprocessing import Preprocessing
+from ..weights import check_checkpoint, load_state_dict_checked
+from ..weights.readers import checkpoint_preprocessing
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically: a crash leaves the previous file intact."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached, contiguous CPU copy of ``model.state_dict()``."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read one of our checkpoints safely (``weights_only=True``) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return check_checkpoint(torch_load_safe(path), path)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], *, use_ema: bool = True,
+                          path: str | os.PathLike = "checkpoint") -> nn.Module:
+    """Build the checkpoint's model and load its weights (the EMA weights when present).
+
+    The model's ``class_names`` and ``preprocessing`` are the run's.
+    """
+    name = ckpt["model_name"]
+    if name not in list_models():
+        raise ValueError(f"{path}: holds model {name!r}, which this version does not know "
+                         f"(known: {', '.join(list_models())})")
+    model = build_model(name, **ckpt["config"])
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    load_state_dict_checked(model, weights, path)
+    model.class_names = ckpt.get("class_names")
+    model.preprocessing = checkpoint_preprocessing(ckpt, path) or Preprocessing()
+    return model
+
+
+# --- random state -----------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """The torch (CPU and CUDA), numpy and python random states, as weights_only-safe values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,328 @@
+"""A training run: recipe, model, optimizer, schedule, EMA, AMP, DDP, checkpoints and signals.
+
+``fit(TrainConfig(data=..., out=...))`` is what ``xception train`` calls. It runs the same in one
+process and under ``torchrun`` (see :mod:`.distributed`). The run directory gets:
+
+    last.pt, best.pt     checkpoints (format in :mod:`.checkpoint`); best = highest val top-1
+    metrics.jsonl        one JSON object per epoch
+    curves.png           loss and accuracy curves
+    tensorboard/         TensorBoard events (with the tensorboard extra installed)
+
+SIGINT/SIGTERM finish the current optimizer step, save ``last.pt`` at that step and raise
+:class:`TrainingInterrupted`; ``resume`` continues bit for bit (on CPU with the same settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..fileio import atomic_path, atomic_write
+from ..models.registry import build_model
+from ..preprocessing import Preprocessing
+from ..weights import CHECKPOINT_FORMAT, load_pretrained, load_state_dict_checked, read_weights, resolve_source
+from ..weights.loading import weights_preprocessing
+from ..weights.readers import checkpoint_preprocessing
+from . import distributed as D
+from .checkpoint import capture_rng, cpu_state_dict, load_checkpoint, restore_rng, save_checkpoint, seed_everything
+from .data import EpochSampler, IndexedDataset, ShardSampler, build_datasets, collate_skip
+from .engine import ModelEma, StepHooks, TrainState, amp_dtype, evaluate, train_one_epoch
+from .recipes import RECIPES, TrainConfig
+from .reporting import open_tensorboard, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(Exception):
+    """A stop signal ended the run after saving ``last.pt`` at the last completed step."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint at the last completed step: "
+                         f"{checkpoint} (continue with --resume)")
+        self.signum = signum
+
+
+class _StopFlag:
+    """Records the first SIGINT/SIGTERM; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: stopping after the current step", signal.Signals(signum).name)
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """No weight decay on batch-norm parameters and biases (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    r = RECIPES[cfg.recipe]
+    if r.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=r.momentum, nesterov=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """A per-step ``LambdaLR``: linear warm-up, then step decay (paper) or cosine to zero."""
+    r = RECIPES[cfg.recipe]
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if r.schedule == "step":
+            return r.decay_rate ** math.floor(step / (r.decay_epochs * steps_per_epoch))
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _build_model(cfg: TrainConfig, num_classes: int, weights) -> nn.Module:
+    kwargs = {"num_classes": num_classes, "drop_rate": cfg.drop_rate, **cfg.model_kwargs}
+    try:
+        if weights is None:
+            return build_model(cfg.model, **kwargs)
+        return load_pretrained(cfg.model, weights, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad model option for {cfg.model!r}: {e}") from None
+
+
+def _preprocessing(cfg: TrainConfig, weights, ckpt: dict[str, Any] | None, resume_path: Path | None) -> Preprocessing:
+    """The run's preprocessing: a resumed run's own; else the pretrained weights' (or the default),
+    with this run's image size and crop."""
+    if ckpt is not None:
+        recorded = checkpoint_preprocessing(ckpt, resume_path)
+        if recorded is not None:
+            return recorded
+    base = weights_preprocessing(weights, cfg.model) if weights is not None else Preprocessing()
+    return base.replace(image_size=cfg.image_size, crop_pct=cfg.crop_pct)
+
+
+def _check_out_dir(out: Path) -> str | None:
+    """None when ``out`` can hold the run's files, else a one-line reason."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / ".write-test", lambda f: f.write(b"ok"))
+        (out / ".write-test").unlink()
+    except OSError as e:
+        return f"cannot write to output folder {out}: {e.strerror or e}"
+    return None
+
+
+def _resume_config(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> TrainConfig:
+    """The checkpoint's settings, with this invocation's epochs, output, device, workers, progress."""
+    if ckpt["model_name"] != cfg.model:
+        raise ValueError(f"{path} is a checkpoint of model {ckpt['model_name']!r}, not {cfg.model!r}")
+    saved = dict(ckpt.get("train_config") or {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = {k: v for k, v in saved.items() if k in known}
+    if not saved:
+        raise ValueError(f"{path} has no training settings to resume from")
+    keep = {"out": cfg.out, "device": cfg.device, "workers": cfg.workers, "resume": cfg.resume,
+            "progress": cfg.progress}
+    if cfg.epochs is not None:
+        keep["epochs"] = cfg.epochs
+    return TrainConfig(**{**saved, **keep})
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def fit(cfg: TrainConfig, hooks: StepHooks | None = None) -> dict[str, Any]:
+    """Train, evaluate each epoch and checkpoint; return a summary (rank 0's view)."""
+    env = D.setup(cfg.device)
+    try:
+        return _fit(cfg, env, hooks or StepHooks())
+    finally:
+        D.cleanup()
+
+
+def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
+    out = Path(cfg.out)
+    ckpt, resume_path, weights = None, None, None
+    if cfg.resume is not None:
+        resume_path = Path(cfg.resume) if cfg.resume else out / "last.pt"
+        ckpt = load_checkpoint(resume_path)
+        cfg = _resume_config(cfg, ckpt, resume_path)
+    cfg = cfg.resolved()
+    error = D.broadcast_error(_check_out_dir(out) if env.is_main else None)
+    if error:
+        raise OSError(error)
+
+    if cfg.pretrained is not None and ckpt is None:  # read once: its preprocessing, then its weights
+        weights = read_weights(resolve_source(cfg.pretrained))
+    preprocessing = _preprocessing(cfg, weights, ckpt, resume_path)
+    splits = build_datasets(cfg.data, preprocessing, train_scale=(cfg.train_scale, 1.0), hflip=cfg.hflip,
+                            val_split=cfg.val_split)
+    classes = list(splits.classes)
+    if ckpt is not None and ckpt.get("class_names") not in (None, classes):
+        raise ValueError(f"{cfg.data} has classes {classes[:5]}..., the checkpoint was trained on "
+                         f"{ckpt['class_names'][:5]}...")
+    seed_everything(cfg.seed + env.rank)
+    model = _build_model(cfg, len(classes), weights)
+    if ckpt is not None:
+        load_state_dict_checked(model, ckpt["model"], resume_path)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(env.device, memory_format=memory_format)
+
+    train_sampler = EpochSampler(splits.train, num_replicas=env.world_size, rank=env.rank, seed=cfg.seed)
+    per_rank = len(train_sampler.inner)
+    train_loader = DataLoader(
+        IndexedDataset(splits.train), batch_size=cfg.batch_size, sampler=train_sampler,
+        num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=env.device.type == "cuda",
+        drop_last=per_rank % cfg.batch_size == 1,  # a lone last sample would break batch norm
+        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.workers > 0)
+    val_loader = DataLoader(
+        IndexedDataset(splits.val), batch_size=cfg.batch_size * 2,
+        sampler=ShardSampler(len(splits.val), num_replicas=env.world_size, rank=env.rank),
+        num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=env.device.type == "cuda",
+        persistent_workers=cfg.workers > 0)
+    full_batches = per_rank // cfg.batch_size + (per_rank % cfg.batch_size > 1)
+    steps_per_epoch = math.ceil(full_batches / cfg.accum_steps)
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    dtype = amp_dtype(cfg.amp, env.device)
+    scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    state = TrainState(model=model, raw_model=model, optimizer=optimizer, scheduler=scheduler,
+                       device=env.device, scaler=scaler, ema=ema, amp_dtype=dtype,
+                       channels_last=cfg.channels_last, accum_steps=cfg.accum_steps,
+                       label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm)
+    history: list[dict[str, Any]] = []
+    best_top1 = -1.0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            load_state_dict_checked(ema.module, ckpt["ema"], resume_path)
+        state.epoch, state.step = ckpt["epoch"], ckpt["step"]
+        state.epoch_step, state.epoch_samples = ckpt["epoch_step"], ckpt["epoch_samples"]
+        state.epoch_stats = dict(ckpt["epoch_stats"])
+        history = list(ckpt.get("history") or [])
+        best_top1 = float(ckpt.get("best_top1", -1.0))
+        rng = ckpt["rng"]
+        restore_rng(rng[env.rank] if env.rank < len(rng) else rng[0])
+        log.info("resuming from %s at epoch %d, step %d", cfg.resume, state.epoch + 1, state.step)
+
+    if cfg.sync_bn and env.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        state.raw_model = model
+    if env.distributed:
+        state.model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if cfg.compile:
+        state.model = torch.compile(state.model)
+
+    progress = (sys.stderr.isatty() if cfg.progress is None else cfg.progress) and env.is_main
+    writer = open_tensorboard(out / "tensorboard", state.epoch, cfg.tensorboard) if env.is_main else None
+    n_params = sum(p.numel() for p in state.raw_model.parameters())
+    log.info("training %s (%.1fM parameters) on %s: %d train / %d val images, %d classes, %d epochs, "
+             "batch %d x %d rank(s), %s, amp %s", cfg.model, n_params / 1e6, cfg.data, len(splits.train),
+             len(splits.val), len(classes), cfg.epochs, cfg.batch_size, env.world_size, env.device,
+             {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off"))
+
+    def checkpoint_dict() -> dict[str, Any]:
+        rng = D.gather_objects(capture_rng())
+        return {
+            "format": CHECKPOINT_FORMAT, "model_name": cfg.model,
+            "config": dataclasses.asdict(state.raw_model.config),
+            "model": cpu_state_dict(state.raw_model),
+            "ema": cpu_state_dict(ema.module) if ema is not None else None,
+            "class_names": classes, "preprocessing": preprocessing.to_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": state.epoch, "step": state.step, "epoch_step": state.epoch_step,
+            "epoch_samples": state.epoch_samples, "epoch_stats": dict(state.epoch_stats),
+            "rng": rng, "train_config": cfg.to_dict(), "history": history, "best_top1": best_top1,
+        }
+
+    eval_model = ema.module if ema is not None else state.raw_model
+    with _StopFlag() as stop:
+        while state.epoch < cfg.epochs:
+            train_sampler.set_epoch(state.epoch, start=state.epoch_samples)
+            result = train_one_epoch(state, train_loader, should_stop=lambda: stop.signum is not None,
+                                     hooks=hooks, progress=progress)
+            if result.interrupted:
+                ckpt_obj = checkpoint_dict()
+                if env.is_main:
+                    save_checkpoint(ckpt_obj, out / "last.pt")
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, out / "last.pt")
+            val = evaluate(eval_model, val_loader, num_classes=len(classes), device=env.device,
+                           amp_dtype=dtype, channels_last=cfg.channels_last, progress=progress)
+            metrics = {
+                "epoch": state.epoch + 1, "step": state.step, "train_loss": result.train_loss,
+                "train_top1": result.train_top1, "val_loss": val["loss"], "val_top1": val["top1"],
+                "val_top5": val["top5"], "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": result.images_per_s, "epoch_time_s": state.epoch_stats["seconds"],
+                "skipped_images": result.skipped + val["skipped"], "ema": ema is not None,
+            }
+            history.append(metrics)
+            is_best = val["top1"] > best_top1
+            best_top1 = max(best_top1, val["top1"])
+            state.epoch += 1
+            state.epoch_step, state.epoch_samples = 0, 0
+            state.epoch_stats = {k: 0.0 for k in state.epoch_stats}
+            ckpt_obj = checkpoint_dict()
+            if env.is_main:
+                save_checkpoint(ckpt_obj, out / "last.pt")
+                if is_best:
+                    _link_or_copy(out / "last.pt", out / "best.pt")
+                write_metrics(out, history, writer)
+                log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.2f%%  val_top5 %.2f%%  "
+                         "lr %.3g  %.1f img/s%s", metrics["epoch"], cfg.epochs, metrics["train_loss"],
+                         metrics["val_loss"], 100 * metrics["val_top1"], 100 * metrics["val_top5"],
+                         metrics["lr"], metrics["images_per_s"],
+                         f"  ({metrics['skipped_images']} unreadable images skipped)"
+                         if metrics["skipped_images"] else "")
+            if stop.signum is not None:
+                raise TrainingInterrupted(stop.signum, out / "last.pt")
+    if writer is not None:
+        writer.close()
+    return {"run_dir": str(out), "epochs": state.epoch, "steps": state.step, "best_val_top1": best_top1,
+            "last": history[-1] if history else None, "last_pt": str(out / "last.pt"),
+            "best_pt": str(out / "best.pt"), "class_names": classes}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` a copy of ``src`` atomically (a hard link where the file system allows)."""
+    with atomic_path(dst) as tmp:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)

@@ -1,0 +1,215 @@
+"""optimize(): batch-norm folding and the fast paths compute the fp32 eager model's function;
+and the benchmark's report (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import xception
+from xception.inference.bench import randomize_batchnorm_
+from xception.inference.folding import fold_batchnorms
+from xception.inference.fused import FusedXception, Unsupported
+from xception.inference.optimize import optimize
+from xception.inference.parity import relative_error
+
+FP32, BF16 = 1e-5, 2e-2  # the issue's parity bounds against the fp32 eager model
+
+
+def _model(name: str = "xception", **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    small = {"middle_blocks": 1} if name == "xception" else {}
+    try:
+        m = xception.create_model(name, **{**small, **kwargs})
+    except (TypeError, ValueError):
+        m = xception.create_model(name, **kwargs)
+    return randomize_batchnorm_(m, generator=torch.Generator().manual_seed(1)).eval()
+
+
+def _check(fast: nn.Module, model: nn.Module, x: torch.Tensor, bound: float) -> float:
+    with torch.no_grad():
+        ref = model(x)
+    out = fast(x)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    err = relative_error(out, ref)
+    assert err <= bound, err
+    return err
+
+
+@pytest.mark.parametrize("name", xception.list_models())
+def test_eager_paths_every_model(name):
+    model = _model(name)
+    x = torch.randn(1, model.config.in_chans if hasattr(model, "config") else 3, 48, 48)
+    folded = fold_batchnorms(model)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    n_left = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert n_left < n_bn  # something was folded
+    _check(optimize(model, mode="eager", dtype="fp32"), model, x, FP32)
+    _check(optimize(model, mode="eager", dtype="bf16"), model, x, BF16)
+    # the original model is left as it was
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn
+
+
+def test_seed_model_folds_every_batchnorm():
+    folded = fold_batchnorms(_model(middle_blocks=0))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+CONFIGS = [  # (config, input size, dtypes): odd and even sizes through every pool
+    (dict(), (63, 63), ("fp32", "bf16")),
+    (dict(pool_padding="same", output_stride=16, global_pool="max"), (64, 70), ("fp32",)),
+    (dict(output_stride=8, pool_padding="same", intermediate_activation="elu", num_classes=0), (58, 61), ("fp32",)),
+    (dict(residual=False, intermediate_activation="relu", middle_blocks=0), (40, 40), ("fp32",)),
+]
+
+
+@pytest.mark.parametrize("config,size,dtypes", CONFIGS,
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) if isinstance(c, dict) else None)
+def test_fused_path_same_function(config, size, dtypes):
+    """The fused network's plan (here run by the kernels' PyTorch references)."""
+    model = _model(**config)
+    x = torch.randn(1, 3, *size)
+    for dtype in dtypes:
+        _check(optimize(model, mode="fused", dtype=dtype), model, x, FP32 if dtype == "fp32" else BF16)
+
+
+def test_fused_is_a_real_plan():
+    model = _model(middle_blocks=1)
+    fused = FusedXception(model, torch.float32)
+    kinds = [step[0] for step in fused.plan]
+    assert kinds == ["stem", "stem"] + ["block"] * 5 + ["sep", "sep"]
+    middle = fused.plan[5][1]
+    assert middle["pool"] is None and middle["skip"] is None and len(middle["seps"]) == 3
+    assert all(s.relu_in for s in middle["seps"])
+    entry = fused.plan[2][1]
+    assert entry["pool"] == (2, 1, 1) and entry["skip"] == 2 and not entry["seps"][0].relu_in
+
+
+def test_fused_falls_back_for_other_structures():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    randomize_batchnorm_(net)
+    with pytest.raises(Unsupported):
+        FusedXception(net)
+    fast = optimize(net, mode="fused")
+    assert fast.mode == "eager"
+    _check(fast, net.eval(), torch.randn(1, 3, 16, 16), FP32)
+
+
+def test_fold_handles_dilation_stride_groups_and_bias():
+    net = nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2, bias=True), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8, eps=1e-3),
+        nn.Conv2d(8, 6, 1, groups=2, bias=False), nn.BatchNorm2d(6, affine=False))
+    randomize_batchnorm_(net)
+    folded = fold_batchnorms(net, example_size=17)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 4, 19, 23)
+    assert relative_error(folded(x), net.eval()(x)) <= FP32
+
+
+class _Shared(nn.Module):
+    """A conv whose output is read by its BN and by something else: folding must not happen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_fold_check_catches_a_wrong_fold():
+    net = randomize_batchnorm_(_Shared())
+    with pytest.raises(RuntimeError, match="folding changed"):
+        fold_batchnorms(net, example_size=8)
+
+
+def test_bad_arguments():
+    model = _model(middle_blocks=0)
+    with pytest.raises(ValueError, match="mode"):
+        optimize(model, mode="turbo")
+    with pytest.raises(ValueError, match="dtype"):
+        optimize(model, dtype="int4")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        optimize(model, cuda_graphs=True)
+    with pytest.raises(ValueError, match="input"):
+        optimize(model, mode="fused")(torch.randn(1, 3, 5, 5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,bound", [("fp32", FP32), ("bf16", BF16)])
+def test_cuda_fused_and_graphs(dtype, bound):
+    model = _model(pool_padding="same")
+    x = torch.randn(2, 3, 75, 80)
+    _check(optimize(model, device="cuda", mode="fused", dtype=dtype), model, x, bound)
+    _check(optimize(model, device="cuda", mode="fused", dtype=dtype, cuda_graphs=True), model, x, bound)
+
+
+# ---------------------------------------------------------------------------------------------
+# xception bench (tiny)
+
+
+def test_bench_report_and_peers():
+    pytest.importorskip("timm")
+    from xception.inference.bench import format_table, run_bench
+
+    report = run_bench(image_size=48, dtypes=["fp32"], modes=["eager"], compare=["timm"], warmup=0, repeats=1,
+                       min_round_s=0.0)
+    json.dumps(report)  # JSON-ready
+    ours = [r for r in report["results"] if r["impl"] == "ours"]
+    timm_rows = {r["mode"]: r for r in report["results"] if r["impl"] == "timm"}
+    assert [r["mode"] for r in ours] == ["eager-fp32-channels_last"] and ours[0]["parity_ok"]
+    assert set(timm_rows) == {"eager-fp32-nchw", "eager-fp32-channels_last", "eager-bf16-nchw",
+                              "eager-bf16-channels_last"}
+    # timm got our weights: the same function
+    assert timm_rows["eager-fp32-nchw"]["rel_error"] <= FP32
+    assert timm_rows["eager-bf16-channels_last"]["rel_error"] <= BF16
+    best = max((r for r in report["results"] if r["impl"] == "timm"), key=lambda r: r["images_per_s"])
+    assert report["best_peer"]["images_per_s"] == best["images_per_s"]
+    assert report["speedup"] == pytest.approx(ours[0]["images_per_s"] / best["images_per_s"])
+    for r in report["results"]:
+        assert r["images_per_s"] > 0 and r["latency_ms_p95"] >= r["latency_ms_p50"] > 0
+    assert "best ours" in format_table(report)
+
+
+def test_bench_aligned_model_has_its_timm_peer():
+    pytest.importorskip("timm")
+    from xception.inference.bench import run_bench
+
+    report = run_bench(model_name="xception41p", image_size=48, dtypes=["fp32"], modes=["eager"], compare=["timm"],
+                       warmup=0, repeats=1, min_round_s=0.0)
+    timm_rows = {r["mode"]: r for r in report["results"] if r["impl"] == "timm"}
+    assert not any(r["error"] for r in report["results"])
+    assert timm_rows["eager-fp32-nchw"]["rel_error"] <= FP32  # timm's xception41p with our weights
+    assert report["best_peer"] is not None and report["speedup"] is not None
+
+
+def test_bench_cli_json_and_missing_peer(monkeypatch, capsys):
+    """A peer that is not installed is reported in the JSON, not fatal."""
+    import builtins
+
+    from xception.cli import main
+
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    code = main(["bench", "--image-size", "40", "--dtype", "fp32", "--modes", "eager", "--compare", "onnxruntime",
+                 "--warmup", "0", "--repeats", "1", "--min-round-s", "0", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    ours, missing = report["results"]
+    assert ours["impl"] == "ours" and ours["parity_ok"] and ours["images_per_s"] > 0
+    assert missing["impl"] == "onnxruntime" and "onnxruntime" in missing["error"]
+    assert report["best_peer"] is None and report["speedup"] is None
+    assert main(["bench", "--dtype", "int3"]) == 2
