@@ -6,8 +6,12 @@ import os
 # Keras (parity tests) must run on the torch backend; set before anything imports keras.
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from image_folders import make_image_folder  # noqa: E402
 
 
 def _import_triton_in_interpreter_mode() -> None:
@@ -39,3 +43,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """train: 3 cat + 3 dog; val: 2 + 2 (20 px, colour decides the class)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return make_image_folder(root, {"train": {"cat": 3, "dog": 3}, "val": {"cat": 2, "dog": 2}})

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 
@@ -21,10 +20,3 @@ def make_image_folder(root: Path, counts: dict[str, dict[str, int]], size: int =
                 a[..., c % 3] += 150
                 Image.fromarray(a).save(folder / f"{name}{i}.png")
     return root
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory) -> Path:
-    """train: 3 cat + 3 dog; val: 2 + 2."""
-    root = tmp_path_factory.mktemp("tiny")
-    return make_image_folder(root, {"train": {"cat": 3, "dog": 3}, "val": {"cat": 2, "dog": 2}})

@@ -9,14 +9,6 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# The modules each extra brings (pyproject.toml's optional-dependencies list the packages).
-EXTRAS: dict[str, tuple[str, ...]] = {
-    "onnx": ("onnx", "onnxscript", "onnxruntime"),
-    "bench": ("timm", "onnxruntime"),
-    "tensorboard": ("tensorboard",),
-}
-
-
 class MissingExtra(ImportError):
     """An optional feature was used without its extra; the message names the install command."""
 

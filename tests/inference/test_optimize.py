@@ -3,7 +3,6 @@ and the benchmark's report (tiny sizes)."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -149,67 +148,3 @@ def test_cuda_fused_and_graphs(dtype, bound):
     x = torch.randn(2, 3, 75, 80)
     _check(optimize(model, device="cuda", mode="fused", dtype=dtype), model, x, bound)
     _check(optimize(model, device="cuda", mode="fused", dtype=dtype, cuda_graphs=True), model, x, bound)
-
-
-# ---------------------------------------------------------------------------------------------
-# xception bench (tiny)
-
-
-def test_bench_report_and_peers():
-    pytest.importorskip("timm")
-    from xception.inference.bench import format_table, run_bench
-
-    report = run_bench(image_size=48, dtypes=["fp32"], modes=["eager"], compare=["timm"], warmup=0, repeats=1,
-                       min_round_s=0.0)
-    json.dumps(report)  # JSON-ready
-    ours = [r for r in report["results"] if r["impl"] == "ours"]
-    timm_rows = {r["mode"]: r for r in report["results"] if r["impl"] == "timm"}
-    assert [r["mode"] for r in ours] == ["eager-fp32-channels_last"] and ours[0]["parity_ok"]
-    assert set(timm_rows) == {"eager-fp32-nchw", "eager-fp32-channels_last", "eager-bf16-nchw",
-                              "eager-bf16-channels_last"}
-    # timm got our weights: the same function
-    assert timm_rows["eager-fp32-nchw"]["rel_error"] <= FP32
-    assert timm_rows["eager-bf16-channels_last"]["rel_error"] <= BF16
-    best = max((r for r in report["results"] if r["impl"] == "timm"), key=lambda r: r["images_per_s"])
-    assert report["best_peer"]["images_per_s"] == best["images_per_s"]
-    assert report["speedup"] == pytest.approx(ours[0]["images_per_s"] / best["images_per_s"])
-    for r in report["results"]:
-        assert r["images_per_s"] > 0 and r["latency_ms_p95"] >= r["latency_ms_p50"] > 0
-    assert "best ours" in format_table(report)
-
-
-def test_bench_aligned_model_has_its_timm_peer():
-    pytest.importorskip("timm")
-    from xception.inference.bench import run_bench
-
-    report = run_bench(model_name="xception41p", image_size=48, dtypes=["fp32"], modes=["eager"], compare=["timm"],
-                       warmup=0, repeats=1, min_round_s=0.0)
-    timm_rows = {r["mode"]: r for r in report["results"] if r["impl"] == "timm"}
-    assert not any(r["error"] for r in report["results"])
-    assert timm_rows["eager-fp32-nchw"]["rel_error"] <= FP32  # timm's xception41p with our weights
-    assert report["best_peer"] is not None and report["speedup"] is not None
-
-
-def test_bench_cli_json_and_missing_peer(monkeypatch, capsys):
-    """A peer that is not installed is reported in the JSON, not fatal."""
-    import builtins
-
-    from xception.cli import main
-
-    real_import = builtins.__import__
-
-    def no_ort(name, *args, **kwargs):
-        if name == "onnxruntime":
-            raise ImportError("No module named 'onnxruntime'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ort)
-    code = main(["bench", "--image-size", "40", "--dtype", "fp32", "--modes", "eager", "--compare", "onnxruntime",
-                 "--warmup", "0", "--repeats", "1", "--min-round-s", "0", "--json"])
-    assert code == 0
-    report = json.loads(capsys.readouterr().out)
-    ours, missing = report["results"]
-    assert ours["impl"] == "ours" and ours["parity_ok"] and ours["images_per_s"] > 0
-    assert missing["impl"] == "onnxruntime" and "onnxruntime" in missing["error"]
-    assert report["best_peer"] is None and report["speedup"] is None
-    assert main(["bench", "--dtype", "int3"]) == 2

@@ -112,13 +112,3 @@ def test_int8_arguments():
     assert fallback.mode == "eager" and any(isinstance(m, Int8PointwiseConv) for m in fallback.modules())
     assert optimize(model, dtype=torch.int8, mode="eager").precision == "int8"
     assert optimize(model, dtype=torch.bfloat16, mode="eager").precision == "bf16"
-
-
-def test_bench_times_the_int8_path():
-    from xception.inference.bench import run_bench
-
-    report = run_bench(image_size=40, dtypes=["int8"], modes=["eager"], compare=[], warmup=0, repeats=1,
-                       min_round_s=0.0, model_kwargs={"middle_blocks": 0})
-    (row,) = report["results"]
-    assert row["mode"] == "eager-int8-channels_last" and row["parity_ok"] and 0 < row["rel_error"] <= BF16
-    assert report["best_ours"]["mode"] == "eager-int8-channels_last"

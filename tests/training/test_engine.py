@@ -1,4 +1,4 @@
-"""train_one_epoch / evaluate / EMA / checkpoint helpers on small stand-in models."""
+"""train_one_epoch / evaluate / EMA on small stand-in models."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from xception.fileio import atomic_write
-from xception.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from xception.training import engine
 from xception.training.engine import ModelEma, NonFiniteLossError, StepHooks, TrainState, evaluate, train_one_epoch
 
@@ -104,41 +102,3 @@ def test_ema_follows_weights_with_warmup_decay():
     ema.update(model, step=0)  # decay = 1/10: nearly a copy
     assert torch.allclose(ema.module.weight, torch.full((1, 2), 0.5 * 0.1 + 0.9))
     assert not ema.module.weight.requires_grad
-
-
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    path = tmp_path / "last.pt"
-    save_checkpoint({"format": "xception-checkpoint", "model_name": "xception", "config": {}, "model": {}}, path)
-    before = path.read_bytes()
-
-    def crash(f):
-        f.write(b"half")
-        raise RuntimeError("disk died")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(path, crash)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
-    assert load_checkpoint(path)["model_name"] == "xception"
-
-
-def test_load_checkpoint_is_safe_and_checks_format(tmp_path):
-    torch.save({"weight": torch.ones(2)}, tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match="not an xception training checkpoint"):
-        load_checkpoint(tmp_path / "plain.pt")
-
-    torch.save({"format": "xception-checkpoint", "obj": random.Random()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match=r"evil\.pt: refused: .*nothing from it was run"):
-        load_checkpoint(tmp_path / "evil.pt")  # weights_only refuses arbitrary objects
-    with pytest.raises(FileNotFoundError):
-        load_checkpoint(tmp_path / "missing.pt")
-
-
-def test_rng_capture_restore_roundtrip(tmp_path):
-    torch.manual_seed(1), np.random.seed(1), random.seed(1)
-    state = capture_rng()
-    torch.save({"rng": state}, tmp_path / "r.pt")
-    a = (torch.rand(3), np.random.rand(3), random.random())
-    restore_rng(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
-    b = (torch.rand(3), np.random.rand(3), random.random())
-    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]

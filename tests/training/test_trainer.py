@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_folders import make_image_folder, tiny_folder  # noqa: F401  (fixture)
+from image_folders import make_image_folder
 import xception
 from xception.training.checkpoint import load_checkpoint, model_from_checkpoint
 from xception.cli import main

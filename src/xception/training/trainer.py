@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..extras import require
 from ..fileio import atomic_path, atomic_write
 from ..models.registry import build_model
 from ..preprocessing import Preprocessing
@@ -177,6 +178,8 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
         ckpt = load_checkpoint(resume_path)
         cfg = _resume_config(cfg, ckpt, resume_path)
     cfg = cfg.resolved()
+    if cfg.tensorboard:  # asked for: fail now, before any work, if the extra is missing
+        require("tensorboard", "tensorboard", "TensorBoard logging")
     error = D.broadcast_error(_check_out_dir(out) if env.is_main else None)
     if error:
         raise OSError(error)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .readers import WeightFile
-from .sources import KERAS_PREPROCESSING
+# What a Keras Xception file implies about the model beyond its tensors: TensorFlow's batch-norm
+# epsilon and 'same' max-pool padding.
+KERAS_CONFIG = {"bn_eps": 1e-3, "pool_padding": "same"}
 
 _KERAS_BLOCK = re.compile(r"block(\d+)_(conv|sepconv)(\d+)(_bn)?$")
 _KERAS_UNNAMED = re.compile(r"(conv2d|batch_normalization)(_\d+)?$")
@@ -67,8 +68,9 @@ def _keras_tensor(leaf: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
     return names[leaf], value
 
 
-def read_keras_h5(path: Path) -> WeightFile:
-    """Read a Keras Xception weights file (its whole model or only its weights) into our layout."""
+def read_keras_h5(path: Path) -> dict[str, torch.Tensor]:
+    """A Keras Xception weights file (its whole model or only its weights) as a state dict in the
+    seed's layout; ValueError naming the file if it is not one."""
     import h5py
 
     try:
@@ -113,6 +115,4 @@ def read_keras_h5(path: Path) -> WeightFile:
     if unknown:
         raise ValueError(f"{path}: not a Keras Xception weights file: {len(unknown)} layer weights it does not "
                          f"have, e.g. {', '.join(unknown[:5])}")
-    num_classes = state["fc.weight"].shape[0] if "fc.weight" in state else 0
-    config = {"bn_eps": 1e-3, "pool_padding": "same", "num_classes": num_classes}
-    return WeightFile(path, "keras", state, model_name="xception", config=config, preprocessing=KERAS_PREPROCESSING)
+    return state

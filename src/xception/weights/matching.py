@@ -47,10 +47,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def implied_config(weights: WeightFile) -> dict[str, Any]:
-    """Config options a foreign state dict implies: class count and input channels of the seed layout."""
+    """Config options a foreign state dict implies: class count (either layout) and input channels (seed layout)."""
     state = strip_prefixes(weights.state_dict)
     config: dict[str, Any] = {}
-    for head in ("fc.weight", "last_linear.weight"):
+    for head in ("fc.weight", "last_linear.weight", "head.fc.weight"):
         if head in state:
             config["num_classes"] = int(state[head].shape[0])
             break
@@ -130,8 +130,9 @@ def match_state_dict(state: dict[str, torch.Tensor], model: nn.Module, source: s
     if head_fits:
         return state, True
     if strict_classifier:
-        raise ValueError(f"{source}: classifier does not fit: file has {head_file or 'no classifier'}, "
-                         f"model has {head_model or 'no classifier'} (pass num_classes to fine-tune)")
+        name = getattr(model, "model_name", type(model).__name__)
+        raise ValueError(f"{source}: weights do not fit {name}: classifier {head_file or 'absent'} vs "
+                         f"{head_model or 'absent'} (file vs model; give num_classes to fine-tune)")
     log.info("%s: loaded all but the classifier: the file's %s does not fit %s, which stays as initialised",
              source, head_file or "(no classifier)", head_model or "(no classifier)")
     return {k: v for k, v in state.items() if not in_head(k)}, False

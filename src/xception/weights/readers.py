@@ -18,6 +18,8 @@ import torch
 
 from ..fileio import torch_load_safe
 from ..preprocessing import Preprocessing
+from .keras import KERAS_CONFIG, read_keras_h5
+from .sources import KERAS_PREPROCESSING
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,10 @@ def read_weights(path: str | os.PathLike) -> WeightFile:
     if not head:
         raise ValueError(f"{path}: empty file, not a weights file")
     if head == _HDF5_SIGNATURE:
-        from .keras import read_keras_h5
-
-        return read_keras_h5(path)
+        state = read_keras_h5(path)
+        num_classes = state["fc.weight"].shape[0] if "fc.weight" in state else 0
+        return WeightFile(path, "keras", state, model_name="xception", config={**KERAS_CONFIG, "num_classes": num_classes},
+                          preprocessing=KERAS_PREPROCESSING)
     if path.suffix == ".safetensors" or _looks_like_safetensors(path, head):
         return _read_safetensors(path)
     return _read_torch(path)

@@ -1,0 +1,70 @@
+"""``xception bench`` on tiny inputs: the report, the peers with our weights, missing peers."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from xception.cli import main
+from xception.inference.bench import format_table, run_bench
+from xception.inference.parity import TOLERANCE
+
+FP32, BF16 = TOLERANCE["fp32"], TOLERANCE["bf16"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+
+
+def test_bench_report_and_peers():
+
+    report = run_bench(image_size=48, dtypes=["fp32"], modes=["eager"], compare=["timm"], warmup=0, repeats=1,
+                       min_round_s=0.0)
+    json.dumps(report)  # JSON-ready
+    ours = [r for r in report["results"] if r["impl"] == "ours"]
+    timm_rows = {r["mode"]: r for r in report["results"] if r["impl"] == "timm"}
+    assert [r["mode"] for r in ours] == ["eager-fp32-channels_last"] and ours[0]["parity_ok"]
+    assert set(timm_rows) == {"eager-fp32-nchw", "eager-fp32-channels_last", "eager-bf16-nchw",
+                              "eager-bf16-channels_last"}
+    # timm got our weights: the same function
+    assert timm_rows["eager-fp32-nchw"]["rel_error"] <= FP32
+    assert timm_rows["eager-bf16-channels_last"]["rel_error"] <= BF16
+    best = max((r for r in report["results"] if r["impl"] == "timm"), key=lambda r: r["images_per_s"])
+    assert report["best_peer"]["images_per_s"] == best["images_per_s"]
+    assert report["speedup"] == pytest.approx(ours[0]["images_per_s"] / best["images_per_s"])
+    for r in report["results"]:
+        assert r["images_per_s"] > 0 and r["latency_ms_p95"] >= r["latency_ms_p50"] > 0
+    assert "best ours" in format_table(report)
+
+
+def test_bench_aligned_model_has_its_timm_peer():
+
+    report = run_bench(model_name="xception41p", image_size=48, dtypes=["fp32"], modes=["eager"], compare=["timm"],
+                       warmup=0, repeats=1, min_round_s=0.0)
+    timm_rows = {r["mode"]: r for r in report["results"] if r["impl"] == "timm"}
+    assert not any(r["error"] for r in report["results"])
+    assert timm_rows["eager-fp32-nchw"]["rel_error"] <= FP32  # timm's xception41p with our weights
+    assert report["best_peer"] is not None and report["speedup"] is not None
+
+
+def test_bench_cli_json_and_missing_peer(monkeypatch, capsys):
+    """A peer that is not installed is reported in the JSON, not fatal."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    code = main(["bench", "--image-size", "40", "--dtype", "fp32", "--modes", "eager", "--compare", "onnxruntime",
+                 "--warmup", "0", "--repeats", "1", "--min-round-s", "0", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    ours, missing = report["results"]
+    assert ours["impl"] == "ours" and ours["parity_ok"] and ours["images_per_s"] > 0
+    assert missing["impl"] == "onnxruntime" and 'pip install "xception[bench]"' in missing["error"]
+    assert report["best_peer"] is None and report["speedup"] is None
+    assert main(["bench", "--dtype", "int3"]) == 2
+
+
+def test_bench_times_the_int8_path():
+    report = run_bench(image_size=40, dtypes=["int8"], modes=["eager"], compare=[], warmup=0, repeats=1,
+                       min_round_s=0.0, model_kwargs={"middle_blocks": 0})
+    (row,) = report["results"]
+    assert row["mode"] == "eager-int8-channels_last" and row["parity_ok"] and 0 < row["rel_error"] <= BF16
+    assert report["best_ours"]["mode"] == "eager-int8-channels_last"
