@@ -31,9 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import xception  # noqa: E402
-from xception import kernels  # noqa: E402
-from xception.kernels import max_pool_add_reference, separable_conv_reference  # noqa: E402
-from xception.optimize import optimize, randomize_batchnorm_, relative_error  # noqa: E402
+from xception.inference import kernels  # noqa: E402
+from xception.inference.bench import randomize_batchnorm_  # noqa: E402
+from xception.inference.kernels import max_pool_add_reference, separable_conv_reference  # noqa: E402
+from xception.inference.optimize import optimize  # noqa: E402
+from xception.inference.parity import relative_error  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", ROOT / "gpu_out"))
 OUT.mkdir(parents=True, exist_ok=True)
