@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from xception.demo import DEMO_SETTINGS, run_demo
 
 
+@pytest.mark.slow
 def test_demo_trains_evaluates_predicts_and_summarises(tmp_path):
     summary = run_demo(tmp_path, device="cpu", epochs=1, image_size=8, batch_size=128,
                        model_kwargs={"middle_blocks": 0})

@@ -145,6 +145,7 @@ def test_dispatch_falls_back_without_triton_on_cpu(monkeypatch):
     assert rel(out, ref) <= 1e-6
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_h100_within_shared_memory():
     """Every launch the fused network makes (flags, block sizes, fp32 and bf16) compiles for
     sm_90 with Triton's compiler and ptxas, no GPU needed, and fits in shared memory."""

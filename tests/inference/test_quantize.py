@@ -95,6 +95,7 @@ def test_int8_path_every_model(name):
     assert relative_error(out, ref) <= BF16
 
 
+@pytest.mark.slow
 def test_int8_compiled_matches_eager():
     model = _model("xception")
     x = torch.randn(1, 3, 45, 45)

@@ -126,6 +126,7 @@ def test_resume_at_epoch_boundary_is_bitwise(tiny_folder, reference_run, tmp_pat
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_step_and_resume_is_bitwise(tiny_folder, reference_run, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, HOOKED, "--sigterm-at", "4", "--", "train", "--data", str(tiny_folder), "--out", str(out),
@@ -162,6 +163,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_folder, reference_
     assert (out / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_sees_each_sample_once(tmp_path):
     data = make_image_folder(tmp_path / "data", {"train": {"a": 4, "b": 4}, "val": {"a": 1, "b": 2}})
     out, log_dir = tmp_path / "run", tmp_path / "samples"
