@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_bench_report_and_peers():
 
     report = run_bench(image_size=48, dtypes=["fp32"], modes=["eager"], compare=["timm"], warmup=0, repeats=1,
-                       min_round_s=0.0)
+                       min_round_s=0.0, compile_peers=False)
     json.dumps(report)  # JSON-ready
     ours = [r for r in report["results"] if r["impl"] == "ours"]
     timm_rows = {r["mode"]: r for r in report["results"] if r["impl"] == "timm"}
@@ -41,7 +41,7 @@ def test_bench_report_and_peers():
 def test_bench_aligned_model_has_its_timm_peer():
 
     report = run_bench(model_name="xception41p", image_size=48, dtypes=["fp32"], modes=["eager"], compare=["timm"],
-                       warmup=0, repeats=1, min_round_s=0.0)
+                       warmup=0, repeats=1, min_round_s=0.0, compile_peers=False)
     timm_rows = {r["mode"]: r for r in report["results"] if r["impl"] == "timm"}
     assert not any(r["error"] for r in report["results"])
     assert timm_rows["eager-fp32-nchw"]["rel_error"] <= FP32  # timm's xception41p with our weights
@@ -68,3 +68,24 @@ def test_bench_times_the_int8_path():
     (row,) = report["results"]
     assert row["mode"] == "eager-int8-channels_last" and row["parity_ok"] and 0 < row["rel_error"] <= BF16
     assert report["best_ours"]["mode"] == "eager-int8-channels_last"
+
+
+@pytest.mark.slow
+def test_deployment_engines_as_peers():
+    """ONNX Runtime fp32 and static int8, OpenVINO default / f32 / NNCF int8, all on our weights and
+    calibrated on the same images; the report singles out the int8 paths."""
+    report = run_bench(image_size=48, dtypes=["fp32", "int8"], modes=["eager"], compare=["onnxruntime", "openvino"],
+                       warmup=0, repeats=1, min_round_s=0.0, calibration=4, model_kwargs={"num_classes": 10})
+    rows = {(r["impl"], r["mode"]): r for r in report["results"]}
+    assert not [r["error"] for r in report["results"] if r["error"]]
+    expected = {("onnxruntime", "fp32-cpu"): ("fp32", FP32 * 10), ("onnxruntime", "int8-static-qdq-per-channel-cpu"):
+                ("int8", 0.2), ("openvino", "default-latency-cpu"): ("default", BF16),
+                ("openvino", "f32-latency-cpu"): ("fp32", FP32 * 10), ("openvino", "int8-nncf-latency-cpu"): ("int8", 0.2)}
+    for key, (precision, bound) in expected.items():
+        assert rows[key]["precision"] == precision and 0 <= rows[key]["rel_error"] <= bound, (key, rows[key])
+        assert rows[key]["images_per_s"] > 0
+    assert rows[("ours", "eager-int8-channels_last")]["precision"] == "int8"
+    assert report["calibration_images"] == 4 and report["best_peer_int8"]["impl"] in ("onnxruntime", "openvino")
+    assert report["int8_speedup"] == pytest.approx(report["best_ours_int8"]["images_per_s"]
+                                                   / report["best_peer_int8"]["images_per_s"])
+    assert "int8" in format_table(report).splitlines()[-1]

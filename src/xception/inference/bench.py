@@ -1,4 +1,6 @@
-"""``xception bench``: images/s and latency of our inference paths against timm and ONNX Runtime.
+"""``xception bench``: images/s and latency of our inference paths against the engines people
+deploy Xception with (timm eager and compiled, ONNX Runtime fp32 and int8, OpenVINO default,
+f32 and int8; :mod:`.peers`).
 
 Every candidate (each of our modes, each peer mode) is built and warmed up first (compile time
 reported separately), then timed in interleaved rounds — round r times every candidate in turn —
@@ -7,8 +9,10 @@ CUDA, the host clock after a synchronize otherwise); images/s is batch / median 
 
 Peers share our weights where the architecture matches (timm's ``legacy_xception`` has our
 state-dict keys), so each result also carries its relative error against our fp32 eager model
-on the benchmark input. A missing peer (not installed, other architecture) is reported in the
-results with an ``error`` and never stops the run.
+on the benchmark input. The int8 peers are calibrated on the same images (``calibration``
+random images of the benchmark's shape, seeded; our int8 path needs none). A missing peer (not
+installed, other architecture) is reported in the results with an ``error`` and never stops the
+run. The report names the best of ours and of the peers overall and among the int8 paths.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import datetime
 import logging
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -25,15 +28,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..extras import require
 from ..models.registry import build_model
 from ..preprocessing import Preprocessing
 from .optimize import optimize, resolve_precision
 from .parity import TOLERANCE, relative_error
+from .peers import PEER_CANDIDATES
 
 log = logging.getLogger(__name__)
 
-PEERS = ("timm", "onnxruntime")
+PEERS = tuple(PEER_CANDIDATES)
 OUR_MODES = ("eager", "compile", "fused")
 # Our precisions timed when none are given: the fast ones for the device.
 DEFAULT_PRECISIONS = {"cpu": ["bf16", "int8"], "cuda": ["bf16"]}
@@ -41,8 +44,9 @@ DEFAULT_PRECISIONS = {"cpu": ["bf16", "int8"], "cuda": ["bf16"]}
 
 @dataclass
 class Result:
-    impl: str  # "ours" | "timm" | "onnxruntime"
+    impl: str  # "ours" | "timm" | "onnxruntime" | "openvino"
     mode: str
+    precision: str | None = None  # "fp32" | "bf16" | "fp16" | "int8" | "default" (the engine's choice)
     images_per_s: float | None = None
     latency_ms_p50: float | None = None
     latency_ms_p95: float | None = None
@@ -102,106 +106,19 @@ def _time_call(fn: Callable, x: torch.Tensor, device: torch.device) -> float:
 
 
 def _ours(model: nn.Module, device: torch.device, precisions: list[str], modes: list[str],
-          shape: tuple[int, ...], cuda_graphs: bool) -> list[tuple[str, Callable[[], nn.Module]]]:
+          shape: tuple[int, ...], cuda_graphs: bool) -> list[tuple[str, str, Callable[[], nn.Module]]]:
     out = []
     for precision in precisions:  # int8 on CUDA: optimize() refuses it, reported as that row's error
         for mode in modes:
             if mode == "fused" and device.type != "cuda":
                 continue  # on a CPU the fused path runs the PyTorch references: not a fast path
             label = f"{mode}-{precision}-channels_last"
-            out.append((label, lambda d=precision, m=mode: optimize(model, device=device, dtype=d, mode=m,
-                                                                      example_shape=shape)))
+            out.append((label, precision, lambda d=precision, m=mode: optimize(
+                model, device=device, dtype=d, mode=m, example_shape=shape)))
             if cuda_graphs and device.type == "cuda" and mode in ("eager", "fused"):
-                out.append((label + "-cudagraphs",
-                            lambda d=precision, m=mode: optimize(model, device=device, dtype=d, mode=m,
-                                                                 cuda_graphs=True, example_shape=shape)))
+                out.append((label + "-cudagraphs", precision, lambda d=precision, m=mode: optimize(
+                    model, device=device, dtype=d, mode=m, cuda_graphs=True, example_shape=shape)))
     return out
-
-
-# Our models and timm's with the same architecture and state-dict keys.
-TIMM_PEERS = {"xception": "legacy_xception",
-              **{n: n for n in ("xception41", "xception65", "xception71", "xception41p", "xception65p")}}
-
-
-def _timm_model(model: nn.Module) -> nn.Module:
-    timm = require("timm", "bench", "the timm peer")  # MissingExtra is reported by the caller
-
-    name = getattr(model, "model_name", None)
-    if name not in TIMM_PEERS:
-        raise ValueError(f"timm has no model with the architecture of {name or type(model).__name__!r}")
-    cfg = model.config
-    kwargs = {"num_classes": cfg.num_classes, "in_chans": cfg.in_chans}
-    if name != "xception" and cfg.output_stride != 32:
-        kwargs["output_stride"] = cfg.output_stride
-    peer = timm.create_model(TIMM_PEERS[name], pretrained=False, **kwargs)
-    try:
-        peer.load_state_dict(model.state_dict())
-    except RuntimeError as e:
-        raise ValueError(f"this model's weights do not fit timm {TIMM_PEERS[name]} (config {cfg})") from e
-    return peer.eval()
-
-
-def _timm_candidates(model: nn.Module, device: torch.device, shape: tuple[int, ...]):
-    peer = _timm_model(model)
-    modes = [(torch.float32, False, False), (torch.float32, True, False),
-             (torch.bfloat16, False, False), (torch.bfloat16, True, False)]
-    if device.type == "cuda":
-        modes.append((torch.bfloat16, True, True))  # timm's best GPU mode
-    out = []
-    for dtype, cl, comp in modes:
-        label = f"{'compile' if comp else 'eager'}-{'fp32' if dtype == torch.float32 else 'bf16'}-" \
-                f"{'channels_last' if cl else 'nchw'}"
-
-        def build(dtype=dtype, cl=cl, comp=comp):
-            fmt = torch.channels_last if cl else torch.contiguous_format
-            m = _copy(peer).to(device=device, dtype=dtype, memory_format=fmt)
-            fn = torch.compile(m) if comp else m
-
-            def run(x, fn=fn, fmt=fmt, dtype=dtype):
-                with torch.no_grad():
-                    return fn(x.to(device, dtype).contiguous(memory_format=fmt))
-            start = time.perf_counter()
-            run(torch.randn(shape, device=device))
-            _sync(device)
-            return run, (time.perf_counter() - start if comp else None)
-        out.append((label, build))
-    return out
-
-
-def _copy(m: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(m)
-
-
-def _ort_candidates(model: nn.Module, device: torch.device, shape: tuple[int, ...]):
-    ort = require("onnxruntime", "bench", "the ONNX Runtime peer")  # MissingExtra is reported by the caller
-
-    from .export import export_model
-
-    peer = _timm_model(model)
-
-    def build():
-        tmp = tempfile.mkdtemp(prefix="xception-bench-")
-        path = os.path.join(tmp, "timm_legacy_xception.onnx")
-        start = time.perf_counter()
-        export_model(peer, "onnx", path, image_size=shape[-1], check=False, fold=False)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = torch.get_num_threads()
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        session = ort.InferenceSession(path, opts, providers=providers)
-        name = session.get_inputs()[0].name
-
-        def run(x):
-            return torch.from_numpy(session.run(None, {name: x.detach().float().cpu().numpy()})[0])
-        run(torch.randn(shape))
-        return run, time.perf_counter() - start
-    label = "fp32-" + ("cuda" if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-                       else "cpu")
-    return [(label, build)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +140,8 @@ def run_bench(
     seed: int = 0,
     threads: int | None = None,
     model_kwargs: dict | None = None,
+    calibration: int = 16,
+    compile_peers: bool = True,
 ) -> dict:
     """Benchmark our modes and the peers; return the JSON-ready report (see module docstring).
 
@@ -230,11 +149,13 @@ def run_bench(
         dtypes: our precisions (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``); default
             :data:`DEFAULT_PRECISIONS` for the device (CPU: bf16 and int8; CUDA: bf16).
         modes: our modes among :data:`OUR_MODES`; default all that apply to the device.
-        compare: peers among :data:`PEERS`; default both.
+        compare: peers among :data:`PEERS`; default all.
         cuda_graphs: also time our eager/fused modes through CUDA graphs; default on CUDA for
             batch <= 8.
         repeats: timing rounds; each round times every candidate for at least ``min_round_s``.
-        threads: CPU threads for every candidate (PyTorch and ONNX Runtime alike); default as is.
+        threads: CPU threads for every candidate (PyTorch, ONNX Runtime, OpenVINO alike); default as is.
+        calibration: images the int8 peers are calibrated on.
+        compile_peers: include the peers' ``torch.compile`` modes (minutes of compiling on a small CPU).
     """
     dev = torch.device(device)
     image_size = Preprocessing().image_size if image_size is None else image_size
@@ -265,27 +186,27 @@ def run_bench(
     shape = (batch_size, getattr(model.config, "in_chans", 3), image_size, image_size)
     gen = torch.Generator().manual_seed(seed + 1)
     inputs = [torch.randn(shape, generator=gen) for _ in range(2)]
+    calib = [torch.randn((1, *shape[1:]), generator=gen) for _ in range(calibration)]
     with torch.no_grad():
         reference = model(inputs[0]).float()  # fp32 eager on the CPU: the function to match
     dev_inputs = [x.to(dev) for x in inputs]
 
-    builders: list[tuple[str, str, Callable]] = []
+    builders: list[tuple[str, str, str, Callable]] = []
     failed: list[Result] = []
-    for label, build in _ours(model, dev, precisions, modes, shape, cuda_graphs):
-        builders.append(("ours", label, build))
-    for peer, make in (("timm", _timm_candidates), ("onnxruntime", _ort_candidates)):
-        if peer not in compare:
-            continue
+    for label, precision, build in _ours(model, dev, precisions, modes, shape, cuda_graphs):
+        builders.append(("ours", label, precision, build))
+    for peer in compare:
         try:
-            for label, build in make(model, dev, shape):
-                builders.append((peer, label, build))
+            for label, precision, build in PEER_CANDIDATES[peer](model, dev, shape, calib):
+                if compile_peers or not label.startswith("compile"):
+                    builders.append((peer, label, precision, build))
         except (ImportError, ValueError, RuntimeError) as e:
             log.warning("peer %s unavailable: %s", peer, e)
             failed.append(Result(peer, "-", error=f"{type(e).__name__}: {e}"))
 
     candidates: list[_Candidate] = []
-    for impl, label, build in builders:
-        res = Result(impl, label)
+    for impl, label, precision, build in builders:
+        res = Result(impl, label, precision)
         log.info("building %s %s", impl, label)
         try:
             built = build()
@@ -325,11 +246,18 @@ def run_bench(
         results.append(cand.result)
     results += failed
 
-    def best(impl_ok):
-        ok = [r for r in results if impl_ok(r.impl) and r.images_per_s is not None and r.parity_ok is not False]
-        return max(ok, key=lambda r: r.images_per_s, default=None)
+    def best(ours: bool, precision: str | None = None) -> dict | None:
+        ok = [r for r in results if (r.impl == "ours") == ours and r.images_per_s is not None
+              and r.parity_ok is not False and precision in (None, r.precision)]
+        top = max(ok, key=lambda r: r.images_per_s, default=None)
+        return None if top is None else {"impl": top.impl, "mode": top.mode, "images_per_s": top.images_per_s,
+                                         "rel_error": top.rel_error}
 
-    ours, peer = best(lambda i: i == "ours"), best(lambda i: i != "ours")
+    def ratio(a: dict | None, b: dict | None) -> float | None:
+        return None if a is None or b is None else a["images_per_s"] / b["images_per_s"]
+
+    best_ours, best_peer = best(True), best(False)
+    best_ours_int8, best_peer_int8 = best(True, "int8"), best(False, "int8")
     return {
         "device": _device_name(dev),
         "model": model_name,
@@ -339,11 +267,14 @@ def run_bench(
         "versions": _versions(),
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "repeats": repeats,
+        "calibration_images": calibration,
         "results": [asdict(r) for r in results],
-        "best_ours": None if ours is None else {"mode": ours.mode, "images_per_s": ours.images_per_s},
-        "best_peer": None if peer is None else {"impl": peer.impl, "mode": peer.mode,
-                                                "images_per_s": peer.images_per_s},
-        "speedup": None if ours is None or peer is None else ours.images_per_s / peer.images_per_s,
+        "best_ours": best_ours,
+        "best_peer": best_peer,
+        "speedup": ratio(best_ours, best_peer),
+        "best_ours_int8": best_ours_int8,
+        "best_peer_int8": best_peer_int8,
+        "int8_speedup": ratio(best_ours_int8, best_peer_int8),
     }
 
 
@@ -363,7 +294,7 @@ def _device_name(dev: torch.device) -> str:
 
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"torch": torch.__version__, "python": platform.python_version()}
-    for name in ("timm", "onnxruntime", "triton"):
+    for name in ("timm", "onnxruntime", "openvino", "nncf", "triton"):
         try:
             out[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001
@@ -389,7 +320,9 @@ def format_table(report: dict) -> str:
         flag = "" if r["parity_ok"] is not False else "  PARITY FAILED"
         lines.append(f"{r['impl']:<12} {r['mode']:<34} {r['images_per_s']:>9.2f} {r['latency_ms_p50']:>9.2f} "
                      f"{r['latency_ms_p95']:>9.2f} {ratio:>8} {comp:>9} {err:>8}{flag}")
-    if report["speedup"] is not None:
-        lines.append(f"best ours {report['best_ours']['mode']} / best peer {report['best_peer']['impl']} "
-                     f"{report['best_peer']['mode']}: {report['speedup']:.2f}x")
+    for key, what in (("speedup", ""), ("int8_speedup", " int8")):
+        if report.get(key) is not None:
+            ours, peer = report[f"best_ours{what.replace(' ', '_')}"], report[f"best_peer{what.replace(' ', '_')}"]
+            lines.append(f"best ours{what} {ours['mode']} / best peer{what} {peer['impl']} {peer['mode']}: "
+                         f"{report[key]:.2f}x")
     return "\n".join(lines)
