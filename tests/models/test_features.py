@@ -99,11 +99,13 @@ def test_forward_intermediates_indices_and_stop_early():
         _, all_maps = model.forward_intermediates(x)
         last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
         early_x, early = model.forward_intermediates(x, indices=[0, 2], stop_early=True)
-    with torch.no_grad():
         assert torch.equal(model.forward_features(x), all_maps[-1])
+        block1, block2, block3 = list(model.blocks)[:3]
+        through_block3 = block3(block2(block1(model.stem(x))))
     assert [m.shape for m in last2] == [m.shape for m in all_maps[3:]]
     assert torch.equal(early[1], all_maps[2]) and torch.equal(early[0], all_maps[0])
-    assert torch.equal(early_x, all_maps[2])  # stopped at the tap, activated like it
+    assert model.feature_taps[2] == 2  # tap 2 is inside block3 ...
+    assert torch.equal(early_x, through_block3)  # ... which is the last block run
     with pytest.raises(ValueError, match="feature index"):
         model.forward_intermediates(x, indices=[5])
     with pytest.raises(ValueError, match="output_fmt"):
@@ -128,7 +130,7 @@ def test_drop_path_acts_in_training_only(name):
     model = create_model(name, drop_path_rate=0.5, num_classes=4)
     plain = create_model(name, num_classes=4)
     plain.load_state_dict(model.state_dict())
-    rates = [b.drop_path for b in (model.blocks() if name == "xception" else model.blocks)]
+    rates = [b.drop_path for b in model.blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.5)
     assert all(b > a for a, b in zip(rates, rates[1:]))
     x = torch.randn(2, 3, TRAIN_SIZE, TRAIN_SIZE)
@@ -154,11 +156,9 @@ def test_grad_checkpointing_matches_plain(name):
     ckpt.set_grad_checkpointing()
     x = torch.randn(2, 3, TRAIN_SIZE, TRAIN_SIZE)
     target = torch.tensor([1, 3])
-    blocks = plain.blocks() if name == "xception" else list(plain.blocks)
     calls = {"plain": 0, "ckpt": 0}
-    blocks[-1].register_forward_pre_hook(lambda *_: calls.__setitem__("plain", calls["plain"] + 1))
-    (ckpt.blocks() if name == "xception" else list(ckpt.blocks))[-1].register_forward_pre_hook(
-        lambda *_: calls.__setitem__("ckpt", calls["ckpt"] + 1))
+    for key, model in (("plain", plain), ("ckpt", ckpt)):
+        list(model.blocks)[-1].register_forward_pre_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
     for model in (plain, ckpt):
         torch.manual_seed(42)  # same drop-path draws
         torch.nn.functional.cross_entropy(model(x), target).backward()

@@ -13,7 +13,7 @@ from torch import nn
 
 import xception
 from xception.models.config import XceptionConfig
-from xception.models.seed import MaxPool2dSame
+from xception.models.layers import MaxPool2dSame
 
 SEED_TREE = Path(__file__).parents[1] / "data" / "seed_module_tree.txt"
 
@@ -23,19 +23,8 @@ def _normalise_tree(text: str) -> list[str]:
     return [line.strip().replace(", bias=True, track", ", track") for line in text.splitlines() if line.strip()]
 
 
-def randomise_bn(model: nn.Module, generator: torch.Generator) -> None:
-    """Random affine and running statistics, so eval-mode BN is not the identity."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=generator) + 0.5
-            m.bias.data = torch.randn(n, generator=generator) * 0.1
-            m.running_mean = torch.randn(n, generator=generator) * 0.1
-            m.running_var = torch.rand(n, generator=generator) * 1.5 + 0.5
-
-
 @pytest.fixture(scope="module")
-def seed_model() -> xception.Xception:
+def seed_model(randomise_bn) -> xception.Xception:
     torch.manual_seed(0)
     model = xception.create_model("xception").eval()
     randomise_bn(model, torch.Generator().manual_seed(1))

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.seed import Block, MaxPool2dSame, SeparableConv2d, Xception
+from ..models.layers import MaxPool2dSame
+from ..models.seed import Block, SeparableConv2d, Xception
 from . import kernels
 from .folding import fold_batchnorms
 

@@ -2,7 +2,8 @@
 
 Each model declares ``feature_info``: one dict per feature tap with ``num_chs`` (channels),
 ``reduction`` (input size / map size, capped by ``output_stride``) and ``module`` (where the tap
-sits in the module tree). Its ``forward_intermediates(x, indices=...)`` returns those maps.
+sits: a return node of torchvision's FX ``create_feature_extractor`` that yields that map). Its
+``forward_intermediates(x, indices=...)`` returns those maps.
 ``create_model(name, features_only=True, out_indices=(...))`` wraps a model in a
 :class:`FeatureExtractor` whose ``forward`` returns the list of maps, as timm does.
 """
