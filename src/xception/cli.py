@@ -89,8 +89,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train or fine-tune on digits or a folder of images (torchrun-ready)")
-    p.add_argument("--data", required=True, help="'digits' or a folder: DATA/{train,val}/<class>/* or DATA/<class>/*")
+    p = sub.add_parser("train", help="train or fine-tune on digits, a folder of images or shards (torchrun-ready)")
+    p.add_argument("--data", required=True,
+                   help="'digits', a folder: DATA/{train,val}/<class>/* or DATA/<class>/*, or WebDataset shards: "
+                        "a brace pattern 'shards/train-{000000..000099}.tar' or a list file (paths or pipe: commands)")
+    p.add_argument("--val-data", help="validation data of a shard run: shards (pattern or list file) or a class-folder tree")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, curves.png)")
     p.add_argument("--model", default="xception")
     p.add_argument("--model-kwargs", nargs="+", type=_kv, metavar="KEY=VALUE", help="model config, e.g. middle_blocks=4")
@@ -115,7 +118,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=4, help="data-loading processes per rank")
-    p.add_argument("--resume", nargs="?", const="", metavar="CKPT", help="continue a run (default: OUT/last.pt)")
+    p.add_argument("--resume", nargs="?", const="", metavar="CKPT",
+                   help="continue a run from OUT/last.pt (or CKPT); 'auto': from OUT/last.pt if it exists, else "
+                        "start the run (for retry loops)")
+    p.add_argument("--save-interval", metavar="N{min,steps}",
+                   help="also save OUT/last.pt inside an epoch every N minutes (10min) or N optimizer steps (500steps)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
@@ -149,7 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5/loss/per-class accuracy of a checkpoint on held-out data")
     p.add_argument("--checkpoint", required=True, help="last.pt / best.pt of a training run")
-    p.add_argument("--data", required=True, help="'digits' (its val split), DATA/val, or DATA/<class>/*")
+    p.add_argument("--data", required=True,
+                   help="'digits' (its val split), DATA/val, DATA/<class>/*, or shards (pattern or list file)")
     p.add_argument("--val-split", type=float, help="evaluate the held-out fraction of a train run's --val-split")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", nargs="?", const="confusion_matrix.png", metavar="PNG", help="write a confusion matrix")
@@ -192,6 +200,25 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
     p.set_defaults(func=cmd_predict)
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from .training.shards import write_shards
+
+    report = write_shards(args.src, args.out, shard_size=args.shard_size, val_split=args.val_split)
+    for split, part in report["splits"].items():
+        print(f"{split}: {part['images']} images in {len(part['shards'])} shards, list {report['out']}/{split}.txt")
+    print(f"{len(report['classes'])} classes and the sample counts in {report['out']}/shards.json")
+    return 0
+
+
+def add_shard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shard", help="write a class-folder tree as WebDataset tar shards (for streaming)")
+    p.add_argument("src", help="DIR/{train,val}/<class>/* or DIR/<class>/*")
+    p.add_argument("out", help="output folder: SPLIT-000000.tar ..., SPLIT.txt, shards.json")
+    p.add_argument("--shard-size", type=int, required=True, help="images per shard (e.g. 1000: ~110 MB of ImageNet)")
+    p.add_argument("--val-split", type=float, help="hold out this fraction of DIR/<class>/* as train does")
+    p.set_defaults(func=cmd_shard)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -286,7 +313,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
-SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_bench, add_export, add_convert, add_models]
+SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_shard, add_bench, add_export, add_convert, add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,9 +7,12 @@ model. Exactness tests compare final state dicts with ``torch.equal``.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import types
@@ -20,9 +23,9 @@ import torch
 
 from image_folders import make_image_folder
 import xception
-from xception.training.checkpoint import load_checkpoint, model_from_checkpoint
+from xception.training.checkpoint import RecoverySchedule, load_checkpoint, model_from_checkpoint
 from xception.cli import main
-from xception.training import engine
+from xception.training import engine, trainer
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 HOOKED = str(Path(__file__).resolve().parents[1] / "hooked_train.py")
@@ -258,3 +261,165 @@ def test_fine_tune_from_a_foreign_imagenet_file(tmp_path):
     # a tiny lr: after one step the backbone is still the file's (a fresh init would differ by ~0.05)
     for key in ("conv1.weight", "block4.rep.1.pointwise.weight", "bn4.weight"):
         torch.testing.assert_close(ckpt["model"][key], state[key], rtol=0, atol=1e-4)
+
+
+# --- recovery checkpoints inside an epoch, --resume auto, multi-node ----------------------------
+
+
+def test_save_interval_saves_last_pt_inside_the_epoch(tiny_folder, tmp_path, monkeypatch):
+    """Steps: after every due step (not the epoch's last, saved anyway); minutes: no save until due."""
+    saves: list[tuple[int, int, int]] = []
+    save = trainer.save_checkpoint
+
+    def recording_save(obj, path):
+        saves.append((obj["epoch"], obj["step"], obj["epoch_step"]))
+        save(obj, path)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", recording_save)
+    args = ["train", "--data", str(tiny_folder), "--epochs", "1", *SMALL]
+    assert main([*args, "--out", str(tmp_path / "a"), "--save-interval", "1steps"]) == 0
+    assert saves == [(0, 1, 1), (0, 2, 2), (1, 3, 0)]
+    saves.clear()
+    assert main([*args, "--out", str(tmp_path / "b"), "--save-interval", "60min"]) == 0
+    assert saves == [(1, 3, 0)]  # the interval is not due: no file written inside the epoch
+
+
+def test_recovery_schedule_counts_minutes_or_steps_since_the_last_save():
+    now = [100.0]
+    minutes = RecoverySchedule("10min", step=5, clock=lambda: now[0])
+    now[0] += 599.0
+    assert not minutes.due(1000)
+    now[0] += 1.0
+    assert minutes.due(1001)
+    minutes.saved(1001)
+    assert not minutes.due(1002)
+    steps = RecoverySchedule("3steps", step=4)
+    assert [steps.due(s) for s in (5, 6, 7)] == [False, False, True]
+    steps.saved(9)  # e.g. the end of an epoch
+    assert not steps.due(11) and steps.due(12)
+    for bad in ("10", "0min", "1.5steps", "-2steps", "ten min"):
+        with pytest.raises(ValueError, match="save_interval must be minutes"):
+            RecoverySchedule(bad)
+
+
+def test_resume_auto_starts_a_run_refuses_others_and_reports_complete(tiny_folder, tmp_path, caplog, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint from a killed save")
+    args = ["train", "--data", str(tiny_folder), "--out", str(out), "--resume", "auto", "--epochs", "1", *SMALL]
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert f"no checkpoint at {out / 'last.pt'} yet: starting a new run" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl",
+                                                      "tensorboard"]  # the stale temporary is gone
+    before = (out / "last.pt").read_bytes(), (out / "metrics.jsonl").read_text()
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    capsys.readouterr()
+    caplog.clear()
+
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert "the run is complete (1 of 1 epochs): nothing to train" in caplog.text
+    assert "training xception" not in caplog.text
+    assert ((out / "last.pt").read_bytes(), (out / "metrics.jsonl").read_text()) == before
+    assert "done: 1 epochs" in capsys.readouterr().out
+
+    other = make_image_folder(tmp_path / "other", {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}})
+    rc = main(["train", "--data", str(other), "--out", str(out), "--resume", "auto", "--epochs", "2", *SMALL])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"is a run on {tiny_folder}, not {other}" in err and len(err.splitlines()) == 1
+    rc = main([*args, "--model", "xception41"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "model 'xception', not 'xception41'" in err and len(err.splitlines()) == 1
+    assert ((out / "last.pt").read_bytes(), (out / "metrics.jsonl").read_text()) == before
+
+
+def _last_save(killed_after: int, interval: int, steps_per_epoch: int) -> int:
+    """The step of the last save before the kill: every epoch's end, and ``interval`` steps after
+    the previous save."""
+    last = 0
+    for step in range(1, killed_after + 1):
+        if step % steps_per_epoch == 0 or step - last >= interval:
+            last = step
+    return last
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_loses_less_than_the_interval_and_resume_auto_is_bitwise(tiny_folder, reference_run,
+                                                                                  tmp_path, caplog):
+    interval, kill_after = 2, random.choice([1, 2, 4, 5])  # of the 6 steps; 3 is the end of epoch 1
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tiny_folder), "--out", str(out), "--epochs", "2", *SMALL]
+    proc = _run([sys.executable, HOOKED, "--sigkill-after", str(kill_after), "--", *args,
+                 "--save-interval", f"{interval}steps"], _env(), timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (kill_after, proc.stderr[-2000:])
+    saved = load_checkpoint(out / "last.pt")["step"] if (out / "last.pt").exists() else 0
+    assert saved == _last_save(kill_after, interval, steps_per_epoch=3), (kill_after, saved)
+    assert 0 <= kill_after - saved < interval, (kill_after, saved)  # plus the step in progress: < 1 interval
+    with caplog.at_level(logging.INFO):
+        assert main([*args, "--resume", "auto"]) == 0
+    assert (f"resuming from {out / 'last.pt'} at epoch {saved // 3 + 1}, step {saved}" if saved
+            else "starting a new run") in caplog.text
+    _assert_same_run(out / "last.pt", reference_run / "last.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_on_localhost_see_each_sample_once_and_resume(tmp_path):
+    """Two torchrun agents (--nnodes=2, one process each) meet by c10d rendezvous on 127.0.0.1 and
+    train over gloo; the first launch is stopped by SIGTERM mid epoch 2, the second resumes."""
+    data = make_image_folder(tmp_path / "data", {"train": {"a": 4, "b": 4}, "val": {"a": 1, "b": 2}})
+    out, log_dir = tmp_path / "run", tmp_path / "samples"
+    log_dir.mkdir()
+
+    def launch(*hook_args: str) -> list[subprocess.Popen]:
+        port = _free_port()
+        procs = []
+        for _ in range(2):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                   "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes",
+                   "--local_addr=127.0.0.1", "--max_restarts=0", HOOKED, "--samples", str(log_dir), *hook_args,
+                   "--", "train", "--data", str(data), "--out", str(out), "--epochs", "2", "--resume", "auto", *SMALL]
+            procs.append(subprocess.Popen(cmd, env=_env(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo"),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          start_new_session=True))
+        return procs
+
+    def wait(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+        results = []
+        try:
+            for proc in procs:
+                out_text, err_text = proc.communicate(timeout=400)
+                results.append((proc.returncode, out_text, err_text))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.communicate()
+        return results
+
+    first = wait(launch("--sigterm-at", "3"))
+    assert all(rc != 0 for rc, _, _ in first), [e[-1500:] for _, _, e in first]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]) == (1, 3, 1), [e[-1500:] for _, _, e in first]
+    second = wait(launch())
+    assert all(rc == 0 for rc, _, _ in second), [e[-3000:] for _, _, e in second]
+
+    per_epoch: dict[int, list[int]] = {0: [], 1: []}
+    for rank in (0, 1):
+        for line in (log_dir / f"rank{rank}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            per_epoch[row["epoch"]] += row["indices"]
+    assert all(sorted(seen) == list(range(8)) for seen in per_epoch.values()), per_epoch  # once, across both launches
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl",
+                                                      "tensorboard"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 4
+    ckpt = load_checkpoint(out / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 4) and len(ckpt["rng"]) == 2
+    assert sum(o.count("done:") for _, o, _ in second) == 1  # rank 0 alone reports

@@ -4,6 +4,7 @@ Both read the checkpoint safely (``weights_only=True``), rebuild its model with 
 when it has them, and preprocess exactly as the run's validation did (the checkpoint's
 :class:`~xception.Preprocessing`).
 Under ``torchrun`` the images are sharded across ranks; evaluation metrics are summed over ranks.
+Evaluation also reads WebDataset shards (:mod:`xception.training.shards`): each rank its own.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..preprocessing import Preprocessing
 from ..training import distributed as D
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint
-from ..training.data import (DIGITS, DigitsDataset, ImagePaths, IndexedDataset, SafeImageFolder, ShardSampler,
-                             build_datasets, collate_paths, collate_skip, expand_inputs)
+from ..training.data import (DIGITS, DigitsDataset, ImagePaths, SafeImageFolder, build_datasets, collate_paths,
+                             collate_skip, expand_inputs)
+from ..training.shards import ShardDataset, is_shard_spec, keyed, open_shards, webdataset
 from ..training.engine import amp_dtype, autocast, evaluate
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,13 @@ def load_for_inference(path: str | Path, device: torch.device, *, channels_last:
 
 def eval_dataset(data: str | Path, classes: Sequence[str], transform, val_split: float | None = None) -> Dataset:
     """The held-out images of ``data``: digits' val split, ``DATA/val``, the ``val_split`` part of a
-    class-folder tree (same split as training), or else every image under ``DATA/<class>/``."""
+    class-folder tree (same split as training), every image under ``DATA/<class>/``, or shards."""
     if str(data) == DIGITS:
         ds: Dataset = DigitsDataset("val", transform)
         found = DigitsDataset.classes
+    elif is_shard_spec(data):
+        ds = ShardDataset(open_shards(str(data)), transform)
+        found = ds.classes  # type: ignore[attr-defined]
     else:
         root = Path(data)
         if not root.is_dir():
@@ -62,14 +67,16 @@ def eval_dataset(data: str | Path, classes: Sequence[str], transform, val_split:
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, device: str = "auto", batch_size: int = 64,
                         workers: int = 2, val_split: float | None = None, amp: str = "auto") -> dict[str, Any]:
     """Top-1, top-5, loss, per-class accuracy and confusion matrix of a checkpoint on ``data``."""
+    if is_shard_spec(data):
+        webdataset()  # a missing extra is named before any work
     env = D.setup(device)
     try:
         model, classes, preprocessing, tc = load_for_inference(checkpoint, env.device)
         if val_split is None and tc.get("val_split") and str(tc.get("data")) == str(data):
             val_split = tc["val_split"]  # the run's own held-out part
         ds = eval_dataset(data, classes, preprocessing.eval_transform(), val_split)
-        loader = DataLoader(IndexedDataset(ds), batch_size=batch_size, num_workers=workers,
-                            sampler=ShardSampler(len(ds), num_replicas=env.world_size, rank=env.rank),
+        keyed_ds, sampler = keyed(ds, train=False, num_replicas=env.world_size, rank=env.rank)
+        loader = DataLoader(keyed_ds, batch_size=batch_size, num_workers=workers, sampler=sampler,
                             collate_fn=collate_skip)
         result = evaluate(model, loader, num_classes=len(classes), device=env.device,
                           amp_dtype=amp_dtype(amp, env.device), channels_last=True)

@@ -16,14 +16,20 @@ reads back without unpickling code::
     epoch_stats  running sums of that unfinished epoch
     rng          one dict per rank: torch, cuda, numpy and python random states
     train_config the run's settings (dict); history: the per-epoch metrics so far
+
+``last.pt`` is written at the end of every epoch, on SIGINT/SIGTERM, and, with a save interval
+(:class:`RecoverySchedule`), inside an epoch after the step at which the interval is due: a
+process killed outright (SIGKILL, OOM killer, preemption) then loses at most one interval.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -102,3 +108,41 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# --- recovery saves inside an epoch -------------------------------------------------------------
+
+_INTERVAL = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(min|m|steps?)\s*$")
+
+
+def parse_save_interval(text: str) -> tuple[str, float]:
+    """``"10min"`` -> ``("minutes", 10.0)``; ``"500steps"`` -> ``("steps", 500)``."""
+    found = _INTERVAL.match(str(text))
+    value = float(found[1]) if found else 0.0
+    unit = "steps" if found and found[2].startswith("step") else "minutes"
+    if not found or value <= 0 or (unit == "steps" and not value.is_integer()):
+        raise ValueError(f"save_interval must be minutes (e.g. 10min) or a whole number of steps "
+                         f"(e.g. 500steps), got {text!r}")
+    return unit, value
+
+
+class RecoverySchedule:
+    """When the next recovery save of ``last.pt`` inside an epoch is due.
+
+    ``interval`` is ``"10min"`` (wall-clock minutes since the last save) or ``"500steps"``
+    (optimizer steps since the last save). Asking costs a clock read or a subtraction: no I/O.
+    """
+
+    def __init__(self, interval: str, step: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.unit, self.value = parse_save_interval(interval)
+        self.clock = clock
+        self.saved(step)
+
+    def due(self, step: int) -> bool:
+        if self.unit == "steps":
+            return step - self.last_step >= self.value
+        return self.clock() - self.last_time >= 60.0 * self.value
+
+    def saved(self, step: int) -> None:
+        """``last.pt`` was just written at ``step`` (a recovery save or an epoch's end)."""
+        self.last_step, self.last_time = step, self.clock()

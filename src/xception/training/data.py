@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from ..preprocessing import Preprocessing
 log = logging.getLogger(__name__)
 
 DIGITS = "digits"
+T = TypeVar("T")
 
 
 class DigitsDataset(Dataset):
@@ -185,6 +186,11 @@ class EpochSampler(Sampler):
         self.epoch = 0
         self.start = 0
 
+    @property
+    def epoch_length(self) -> int:
+        """This rank's samples in a whole epoch."""
+        return len(self.inner)
+
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.inner.set_epoch(epoch)
         self.epoch, self.start = epoch, start
@@ -226,13 +232,18 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[Any, int, int]:
         index, seed = key
-        if seed is None:
-            img, target = self.dataset[index]
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                img, target = self.dataset[index]
+        img, target = seeded(seed, lambda: self.dataset[index])
         return img, target, index
+
+
+def seeded(seed: int | None, fn: Callable[[], T]) -> T:
+    """``fn()`` under ``torch.manual_seed(seed)`` in a forked RNG (the caller's state is left as it
+    was); without a seed, a plain call."""
+    if seed is None:
+        return fn()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn()
 
 
 def collate_skip(batch: list[tuple[Any, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

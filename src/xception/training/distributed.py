@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -88,9 +88,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is true on any rank (e.g. a stop signal that reached only some)."""
+    return any_rank_each([flag], device)[0]
+
+
+def any_rank_each(flags: Sequence[bool], device: torch.device) -> list[bool]:
+    """For each flag, whether it is true on any rank: several decisions, one all-reduce."""
     if not _active():
-        return flag
-    return bool(all_reduce_sum(torch.tensor([int(flag)], device=device)).item())
+        return [bool(f) for f in flags]
+    return [v > 0 for v in all_reduce_sum(torch.tensor([int(f) for f in flags], device=device)).tolist()]
 
 
 def gather_objects(obj: Any) -> list[Any]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum, any_rank
+from .distributed import all_reduce_sum, any_rank, any_rank_each
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +127,17 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
 
 
 def train_one_epoch(state: TrainState, loader: Iterable, *, should_stop: Callable[[], bool] = lambda: False,
+                    save_due: Callable[[int], bool] = lambda step: False, save: Callable[[], None] | None = None,
                     hooks: StepHooks | None = None, progress: bool = False) -> EpochResult:
     """Train ``state.model`` over ``loader`` (already positioned at ``state.epoch_samples``).
 
     Takes an optimizer step every ``accum_steps`` batches (and at the end of the epoch). After each
     step, stops early when ``should_stop()`` is true on any rank: ``interrupted`` is then set and
-    ``state`` describes the last completed step exactly. Raises :class:`NonFiniteLossError` before
-    stepping on a NaN/inf loss, so the weights stay those of the last good step.
+    ``state`` describes the last completed step exactly. Otherwise, when ``save_due(step)`` is true
+    on any rank, calls ``save()`` with ``state`` at that step (on every rank; not after the epoch's
+    last step, which the caller saves anyway). Both answers travel in one all-reduce per step.
+    Raises :class:`NonFiniteLossError` before stepping on a NaN/inf loss, so the weights stay
+    those of the last good step.
     """
     hooks = hooks or StepHooks()
     model, opt, dev = state.model, state.optimizer, state.device
@@ -209,9 +213,16 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, should_stop: Callabl
                             img_s=f"{stats['count'] / max(elapsed, 1e-9):.1f}")
         if hooks.after_step is not None:
             hooks.after_step(state.step)
-        if any_rank(should_stop(), dev) and not last:
+        stop, save_now = any_rank_each([should_stop(), save_due(state.step)], dev)
+        if last:
+            continue
+        if stop:
             interrupted = True
             break
+        if save_now and save is not None:
+            stats["seconds"] += time.perf_counter() - t0  # the saved statistics are complete; the
+            save()  # time spent saving is not training time
+            t0 = time.perf_counter()
     stats["seconds"] += time.perf_counter() - t0
     if progress:
         bar.close()  # type: ignore[union-attr]

@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checkpoint import parse_save_interval
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -45,7 +47,14 @@ RECIPES: dict[str, Recipe] = {
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. ``None`` means "the recipe's value" (``image_size`` and ``crop_pct``:
-    the preprocessing of the ``pretrained`` weights, else :class:`~xception.Preprocessing`'s)."""
+    the preprocessing of the ``pretrained`` weights, else :class:`~xception.Preprocessing`'s).
+
+    ``data``: ``"digits"``, a folder of class folders, or WebDataset shards (a brace pattern or a
+    list file, see :mod:`.shards`), whose validation data is ``val_data``. ``resume``: ``None``
+    (a new run), ``""`` (``out/last.pt``), a checkpoint path, or ``"auto"`` (``out/last.pt`` when
+    it exists, else a new run). ``save_interval``: also save ``last.pt`` inside an epoch every
+    ``"10min"`` or ``"500steps"``.
+    """
 
     data: str
     out: str
@@ -66,6 +75,7 @@ class TrainConfig:
     hflip: bool | None = None
     crop_pct: float | None = None
     val_split: float | None = None
+    val_data: str | None = None
     accum_steps: int = 1
     max_grad_norm: float | None = None
     amp: str = "auto"
@@ -76,6 +86,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 4
     resume: str | None = None
+    save_interval: str | None = None
     progress: bool | None = None  # None: when stderr is a terminal
     tensorboard: bool | None = None  # None: when the tensorboard extra is installed
 
@@ -101,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"train_scale must be in (0, 1], got {cfg.train_scale!r}")
         if cfg.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")
+        if cfg.save_interval is not None:
+            parse_save_interval(cfg.save_interval)
         if cfg.workers < 0:
             raise ValueError(f"workers must be >= 0, got {cfg.workers!r}")
         return cfg

@@ -10,6 +10,10 @@ process and under ``torchrun`` (see :mod:`.distributed`). The run directory gets
 
 SIGINT/SIGTERM finish the current optimizer step, save ``last.pt`` at that step and raise
 :class:`TrainingInterrupted`; ``resume`` continues bit for bit (on CPU with the same settings).
+With ``save_interval`` (``"10min"`` / ``"500steps"``) ``last.pt`` is also saved inside an epoch,
+so a process killed outright loses at most one interval. ``resume="auto"`` continues from
+``out/last.pt`` when there is one and starts a new run otherwise, so that one command can be
+retried until it succeeds; a run already complete returns at once.
 """
 
 from __future__ import annotations
@@ -37,13 +41,17 @@ from ..weights import CHECKPOINT_FORMAT, load_pretrained, load_state_dict_checke
 from ..weights.loading import weights_preprocessing
 from ..weights.readers import checkpoint_preprocessing
 from . import distributed as D
-from .checkpoint import capture_rng, cpu_state_dict, load_checkpoint, restore_rng, save_checkpoint, seed_everything
-from .data import EpochSampler, IndexedDataset, ShardSampler, build_datasets, collate_skip
+from .checkpoint import (RecoverySchedule, capture_rng, cpu_state_dict, load_checkpoint, restore_rng, save_checkpoint,
+                         seed_everything)
+from .data import DataSplits, build_datasets, collate_skip
 from .engine import ModelEma, StepHooks, TrainState, amp_dtype, evaluate, train_one_epoch
 from .recipes import RECIPES, TrainConfig
 from .reporting import open_tensorboard, write_metrics
+from .shards import is_shard_spec, keyed, shard_datasets
 
 log = logging.getLogger(__name__)
+
+AUTO = "auto"  # resume: out/last.pt when it exists, else a new run
 
 
 class TrainingInterrupted(Exception):
@@ -131,6 +139,19 @@ def _preprocessing(cfg: TrainConfig, weights, ckpt: dict[str, Any] | None, resum
     return base.replace(image_size=cfg.image_size, crop_pct=cfg.crop_pct)
 
 
+def _datasets(cfg: TrainConfig, preprocessing: Preprocessing) -> DataSplits:
+    """Train and validation data: digits or a folder (:mod:`.data`), or shards (:mod:`.shards`)."""
+    scale = (cfg.train_scale, 1.0)
+    if not is_shard_spec(cfg.data):
+        if cfg.val_data is not None:
+            raise ValueError(f"--val-data goes with shard data; {cfg.data} is not shards (its validation part is "
+                             "DATA/val or --val-split)")
+        return build_datasets(cfg.data, preprocessing, train_scale=scale, hflip=cfg.hflip, val_split=cfg.val_split)
+    if cfg.val_split is not None:
+        raise ValueError("--val-split splits a folder; for shards give the validation shards as --val-data")
+    return shard_datasets(cfg.data, cfg.val_data, preprocessing, train_scale=scale, hflip=cfg.hflip)
+
+
 def _check_out_dir(out: Path) -> str | None:
     """None when ``out`` can hold the run's files, else a one-line reason."""
     try:
@@ -151,11 +172,50 @@ def _resume_config(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> TrainC
     saved = {k: v for k, v in saved.items() if k in known}
     if not saved:
         raise ValueError(f"{path} has no training settings to resume from")
+    if cfg.resume == AUTO and not _same_data(saved.get("data"), cfg.data):
+        raise ValueError(f"{path} is a run on {saved.get('data')}, not {cfg.data} (use another --out for a new run)")
     keep = {"out": cfg.out, "device": cfg.device, "workers": cfg.workers, "resume": cfg.resume,
             "progress": cfg.progress}
-    if cfg.epochs is not None:
-        keep["epochs"] = cfg.epochs
+    for name in ("epochs", "save_interval"):
+        if getattr(cfg, name) is not None:
+            keep[name] = getattr(cfg, name)
     return TrainConfig(**{**saved, **keep})
+
+
+def _same_data(a: str | None, b: str) -> bool:
+    """The same data argument, or two spellings of the same local path."""
+    if a == b:
+        return True
+    pa, pb = Path(str(a)).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _checkpoint_to_resume(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint ``cfg.resume`` names, or None for a new run (``auto`` without ``out/last.pt``)."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == AUTO:
+        if (out / "last.pt").is_file():
+            return out / "last.pt"
+        log.info("--resume auto: no checkpoint at %s yet: starting a new run", out / "last.pt")
+        return None
+    return Path(cfg.resume) if cfg.resume else out / "last.pt"
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Delete checkpoint temporaries that a killed save left behind (``fileio.atomic_path`` names them
+    ``.NAME.XXXX.tmp``); a run directory holds one run, so none of them is being written now."""
+    for name in ("last.pt", "best.pt"):
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted save", tmp)
+
+
+def _summary(out: Path, epochs: int, steps: int, best_top1: float, history: list[dict[str, Any]],
+             classes: list[str]) -> dict[str, Any]:
+    return {"run_dir": str(out), "epochs": epochs, "steps": steps, "best_val_top1": best_top1,
+            "last": history[-1] if history else None, "last_pt": str(out / "last.pt"),
+            "best_pt": str(out / "best.pt"), "class_names": classes}
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -172,23 +232,29 @@ def fit(cfg: TrainConfig, hooks: StepHooks | None = None) -> dict[str, Any]:
 
 def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
     out = Path(cfg.out)
-    ckpt, resume_path, weights = None, None, None
-    if cfg.resume is not None:
-        resume_path = Path(cfg.resume) if cfg.resume else out / "last.pt"
+    ckpt, weights = None, None
+    resume_path = _checkpoint_to_resume(cfg, out)
+    if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
         cfg = _resume_config(cfg, ckpt, resume_path)
     cfg = cfg.resolved()
+    if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
+        log.info("%s: the run is complete (%d of %d epochs): nothing to train", resume_path, ckpt["epoch"], cfg.epochs)
+        history = list(ckpt.get("history") or [])
+        return _summary(out, ckpt["epoch"], ckpt["step"], float(ckpt.get("best_top1", -1.0)), history,
+                        list(ckpt.get("class_names") or []))
     if cfg.tensorboard:  # asked for: fail now, before any work, if the extra is missing
         require("tensorboard", "tensorboard", "TensorBoard logging")
     error = D.broadcast_error(_check_out_dir(out) if env.is_main else None)
     if error:
         raise OSError(error)
+    if env.is_main:
+        _remove_stale_temps(out)
 
     if cfg.pretrained is not None and ckpt is None:  # read once: its preprocessing, then its weights
         weights = read_weights(resolve_source(cfg.pretrained))
     preprocessing = _preprocessing(cfg, weights, ckpt, resume_path)
-    splits = build_datasets(cfg.data, preprocessing, train_scale=(cfg.train_scale, 1.0), hflip=cfg.hflip,
-                            val_split=cfg.val_split)
+    splits = _datasets(cfg, preprocessing)
     classes = list(splits.classes)
     if ckpt is not None and ckpt.get("class_names") not in (None, classes):
         raise ValueError(f"{cfg.data} has classes {classes[:5]}..., the checkpoint was trained on "
@@ -200,16 +266,20 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(env.device, memory_format=memory_format)
 
-    train_sampler = EpochSampler(splits.train, num_replicas=env.world_size, rank=env.rank, seed=cfg.seed)
-    per_rank = len(train_sampler.inner)
+    train_data, train_sampler = keyed(splits.train, train=True, num_replicas=env.world_size, rank=env.rank,
+                                      seed=cfg.seed)
+    val_data, val_sampler = keyed(splits.val, train=False, num_replicas=env.world_size, rank=env.rank)
+    per_rank = train_sampler.epoch_length
+    if getattr(train_sampler, "left_out", 0):
+        log.warning("%d of %d training samples are left out of each epoch: the ranks' shards hold unequal counts "
+                    "(every rank takes %d)", train_sampler.left_out, len(splits.train), per_rank)
     train_loader = DataLoader(
-        IndexedDataset(splits.train), batch_size=cfg.batch_size, sampler=train_sampler,
+        train_data, batch_size=cfg.batch_size, sampler=train_sampler,
         num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=env.device.type == "cuda",
         drop_last=per_rank % cfg.batch_size == 1,  # a lone last sample would break batch norm
         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.workers > 0)
     val_loader = DataLoader(
-        IndexedDataset(splits.val), batch_size=cfg.batch_size * 2,
-        sampler=ShardSampler(len(splits.val), num_replicas=env.world_size, rank=env.rank),
+        val_data, batch_size=cfg.batch_size * 2, sampler=val_sampler,
         num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=env.device.type == "cuda",
         persistent_workers=cfg.workers > 0)
     full_batches = per_rank // cfg.batch_size + (per_rank % cfg.batch_size > 1)
@@ -240,7 +310,7 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
         best_top1 = float(ckpt.get("best_top1", -1.0))
         rng = ckpt["rng"]
         restore_rng(rng[env.rank] if env.rank < len(rng) else rng[0])
-        log.info("resuming from %s at epoch %d, step %d", cfg.resume, state.epoch + 1, state.step)
+        log.info("resuming from %s at epoch %d, step %d", resume_path, state.epoch + 1, state.step)
 
     if cfg.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -274,16 +344,28 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
             "rng": rng, "train_config": cfg.to_dict(), "history": history, "best_top1": best_top1,
         }
 
+    schedule = RecoverySchedule(cfg.save_interval, state.step) if cfg.save_interval else None
+
+    def save_last() -> None:
+        ckpt_obj = checkpoint_dict()
+        if env.is_main:
+            save_checkpoint(ckpt_obj, out / "last.pt")
+        if schedule is not None:
+            schedule.saved(state.step)
+
+    def recovery_save() -> None:
+        save_last()
+        log.info("saved %s at epoch %d, step %d", out / "last.pt", state.epoch + 1, state.step)
+
     eval_model = ema.module if ema is not None else state.raw_model
     with _StopFlag() as stop:
         while state.epoch < cfg.epochs:
             train_sampler.set_epoch(state.epoch, start=state.epoch_samples)
             result = train_one_epoch(state, train_loader, should_stop=lambda: stop.signum is not None,
-                                     hooks=hooks, progress=progress)
+                                     save_due=schedule.due if schedule is not None else lambda step: False,
+                                     save=recovery_save, hooks=hooks, progress=progress)
             if result.interrupted:
-                ckpt_obj = checkpoint_dict()
-                if env.is_main:
-                    save_checkpoint(ckpt_obj, out / "last.pt")
+                save_last()
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, out / "last.pt")
             val = evaluate(eval_model, val_loader, num_classes=len(classes), device=env.device,
                            amp_dtype=dtype, channels_last=cfg.channels_last, progress=progress)
@@ -300,9 +382,8 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
             state.epoch += 1
             state.epoch_step, state.epoch_samples = 0, 0
             state.epoch_stats = {k: 0.0 for k in state.epoch_stats}
-            ckpt_obj = checkpoint_dict()
+            save_last()
             if env.is_main:
-                save_checkpoint(ckpt_obj, out / "last.pt")
                 if is_best:
                     _link_or_copy(out / "last.pt", out / "best.pt")
                 write_metrics(out, history, writer)
@@ -316,9 +397,7 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
                 raise TrainingInterrupted(stop.signum, out / "last.pt")
     if writer is not None:
         writer.close()
-    return {"run_dir": str(out), "epochs": state.epoch, "steps": state.step, "best_val_top1": best_top1,
-            "last": history[-1] if history else None, "last_pt": str(out / "last.pt"),
-            "best_pt": str(out / "best.pt"), "class_names": classes}
+    return _summary(out, state.epoch, state.step, best_top1, history, classes)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
