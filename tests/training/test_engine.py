@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import random
 import types
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from xception.training import engine
-from xception.training.engine import ModelEma, NonFiniteLossError, StepHooks, TrainState, evaluate, train_one_epoch
+from xception.training.engine import ModelEma, NonFiniteLossError, TrainState, evaluate, train_one_epoch
 
 
 def _batches(n_batches: int, batch: int = 4, classes: int = 3, seed: int = 0):
