@@ -72,7 +72,7 @@ def keras_layers(model, include_top: bool = True) -> list[tuple[str, dict[str, n
     layers = [("input_1", {}), ("block1_conv1", conv(model.conv1)), ("block1_conv1_bn", bn(model.bn1)),
               ("block1_conv1_act", {}), ("block1_conv2", conv(model.conv2)), ("block1_conv2_bn", bn(model.bn2))]
     n_skip = 0
-    for b, block in enumerate(model.blocks(), start=1):
+    for b, block in enumerate(model.blocks, start=1):
         seps = [m for m in block.rep if isinstance(m, SeparableConv2d)]
         norms = [m for m in block.rep if isinstance(m, nn.BatchNorm2d)]
         for j, (s, n) in enumerate(zip(seps, norms), start=1):
