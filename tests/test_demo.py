@@ -25,3 +25,8 @@ def test_demo_trains_evaluates_predicts_and_summarises(tmp_path):
         assert Path(saved["files"][key]).exists(), key
     md = (tmp_path / "summary.md").read_text()
     assert "Held-out top-1" in md and f"{100 * summary['heldout_top1']:.2f}%" in md
+    overlays = sorted((tmp_path / "samples" / "gradcam").iterdir())  # a Grad-CAM PNG per sample, linked
+    assert [p.name for p in overlays] == sorted(Path(p["path"]).stem + "_gradcam.png" for p in saved["predictions"])
+    for p in saved["predictions"]:
+        assert f"[overlay](samples/gradcam/{Path(p['path']).stem}_gradcam.png)" in md
+        assert Path(p["gradcam"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "xception"
 # Bottom to top; a module may import its own layer's modules and those below.
 LAYERS = [("fileio", "extras", "preprocessing"), ("models",), ("weights",), ("factory",), ("training",),
-          ("inference",), ("demo",), ("cli", "__main__")]
+          ("inference",), ("demo", "app"), ("cli", "__main__")]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 

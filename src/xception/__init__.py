@@ -7,28 +7,36 @@ The package, from the bottom up (each layer imports only the ones above it in th
     weights/                        public sources, file readers, Keras conversion, matching, loading
     factory                         create_model: registry + weights + backbone view
     training/                       data, engine, checkpoints, distributed, recipes, reports, fit
-    inference/                      predict/eval, folding, fused kernels, int8, optimize, export, bench
-    demo, cli                       the main job and the command line
+    inference/                      classify/explain/report, predict/eval, folding, fused kernels, int8,
+                                    optimize, export, bench
+    demo, app, cli                  the main job, the web app and the command line
 """
 
 from .factory import create_model
 from .models import (AlignedXception, AlignedXceptionConfig, Block, FeatureExtractor, FeatureInfo, SeparableConv2d,
                      Xception, XceptionConfig, list_models, register_model, xception)
 from .inference import optimize
+from .inference.classify import Classifier, Explanation, Prediction, decode_predictions
 from .preprocessing import Preprocessing
 from .weights import load_pretrained, load_weights, save_safetensors
+from .weights.imagenet import imagenet_classes
 
 __all__ = [
     "AlignedXception",
     "AlignedXceptionConfig",
     "Block",
+    "Classifier",
+    "Explanation",
     "FeatureExtractor",
     "FeatureInfo",
+    "Prediction",
     "Preprocessing",
     "SeparableConv2d",
     "Xception",
     "XceptionConfig",
     "create_model",
+    "decode_predictions",
+    "imagenet_classes",
     "list_models",
     "load_pretrained",
     "load_weights",

@@ -57,6 +57,19 @@ def _kv(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _add_weights(p: argparse.ArgumentParser, *, required: bool = True, preprocessing: bool = True,
+                 images: bool = False) -> None:
+    """``--weights`` (alias ``--checkpoint``), the preprocessing flags that override the weights', the images."""
+    if images:
+        p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    p.add_argument("--weights", "--checkpoint", dest="weights", required=required, metavar="W",
+                   help='"keras", "keras_notop", "timm" (downloaded once), a .h5 / .pth / .safetensors file or a '
+                        "training checkpoint (last.pt / best.pt); --checkpoint is the same option")
+    if preprocessing:
+        p.add_argument("--image-size", type=int, help="input side (default: the weights' preprocessing)")
+        p.add_argument("--crop-pct", type=float, help="resize to size/crop_pct, centre-crop (default: the weights')")
+
+
 def _is_rank0() -> bool:
     import os
 
@@ -136,8 +149,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .inference.predict import evaluate_checkpoint
     from .training.reporting import plot_confusion
 
-    r = evaluate_checkpoint(args.checkpoint, args.data, device=args.device, batch_size=args.batch_size,
-                            workers=args.workers, val_split=args.val_split, amp=args.amp)
+    r = evaluate_checkpoint(args.weights, args.data, device=args.device, batch_size=args.batch_size,
+                            workers=args.workers, val_split=args.val_split, amp=args.amp, image_size=args.image_size,
+                            crop_pct=args.crop_pct, report=args.report, cam_layer=args.layer)
     if not _is_rank0():
         return 0
     if args.plot:
@@ -150,17 +164,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"  {name}: " + ("-" if acc is None else f"{100 * acc:.2f}%"))
         if r["skipped"]:
             print(f"{r['skipped']} unreadable images skipped", file=sys.stderr)
+        if args.report:
+            print(f"report: {r['report']['markdown']} (+ per_class.csv, confusion_matrix.png, mistakes.png)")
     return 1 if r["skipped"] else 0
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5/loss/per-class accuracy of a checkpoint on held-out data")
-    p.add_argument("--checkpoint", required=True, help="last.pt / best.pt of a training run")
+    _add_weights(p)
     p.add_argument("--data", required=True,
                    help="'digits' (its val split), DATA/val, DATA/<class>/*, or shards (pattern or list file)")
     p.add_argument("--val-split", type=float, help="evaluate the held-out fraction of a train run's --val-split")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", nargs="?", const="confusion_matrix.png", metavar="PNG", help="write a confusion matrix")
+    p.add_argument("--report", metavar="DIR", help="write confusion_matrix.png, per_class.csv/.md (precision, "
+                   'recall, F1) and mistakes.png (most confident mistakes + Grad-CAM; pip install "xception[explain]")')
+    p.add_argument("--layer", help="--report: the layer of the Grad-CAM maps (default: the last feature map)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
@@ -174,8 +193,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference.predict import predict
 
     failures = 0
-    for row in predict(args.checkpoint, args.images, topk=args.topk, device=args.device,
-                       batch_size=args.batch_size, workers=args.workers, amp=args.amp):
+    for row in predict(args.weights, args.images, topk=args.topk, device=args.device, batch_size=args.batch_size,
+                       workers=args.workers, amp=args.amp, image_size=args.image_size, crop_pct=args.crop_pct):
         if "error" in row:
             failures += 1
             print(f"xception predict: error: {row['path']}: {row['error']}", file=sys.stderr)
@@ -190,9 +209,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="classify images (files, folders, globs) with a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    p = sub.add_parser("predict", help="classify images (files, folders, globs) with any weights")
+    _add_weights(p, images=True)
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -247,7 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .inference.bench import format_table, run_bench
 
-    report = run_bench(model_name=args.model, device=args.device, batch_size=args.batch_size,
+    report = run_bench(model_name=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size,
                        image_size=args.image_size, dtypes=_csv(args.dtype) if args.dtype else None,
                        modes=_csv(args.modes) if args.modes else None,
                        compare=_csv(args.compare) if args.compare is not None else None,
@@ -259,10 +277,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="images/s and latency of our inference paths vs timm / ONNX Runtime")
-    p.add_argument("--model", default="xception", help="model name (default: xception)")
+    p.add_argument("--model", default=None, help="model name (default: the weights', else xception)")
+    _add_weights(p, required=False, preprocessing=False)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=None, help="input side (default: 299, the default preprocessing's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input side (default: the weights' preprocessing, else 299; no --weights: random weights)")
     p.add_argument("--dtype", default=None,
                    help="our precision(s), comma-separated: fp32,bf16,fp16,int8 (int8: int8 1x1 convs, bf16 "
                         "elsewhere; CPU only) (default: bf16,int8 on cpu, bf16 on cuda)")
@@ -287,11 +307,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not Path(args.out).resolve().parent.is_dir():  # fail before loading anything
         raise FileNotFoundError(f"output folder {str(Path(args.out).parent)!r} does not exist")
-    if args.checkpoint is None:
-        logging.getLogger(__name__).warning("no --checkpoint: exporting randomly initialised weights")
+    if args.weights is None:
+        logging.getLogger(__name__).warning("no --weights: exporting randomly initialised weights")
         model = create_model(args.model or "xception")
     else:
-        model = load_pretrained(args.model, args.checkpoint)
+        model = load_pretrained(args.model, args.weights)
     report = export_model(model, args.format, args.out, image_size=args.image_size, check=args.check)
     errors = ", ".join(f"batch {b}: {e:.1e}" for b, e in report.errors.items())
     print(f"wrote {report.path} ({report.format})" + (f"; relative error vs PyTorch fp32: {errors}" if errors else ""))
@@ -302,8 +322,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     from .inference.export import FORMATS
 
     p = sub.add_parser("export", help="export to ONNX / TorchScript / exported program, with a parity check")
-    p.add_argument("--checkpoint", default=None, help="weights: a checkpoint, .safetensors, .h5 or .pth file")
-    p.add_argument("--model", default=None, help="model name (default: the one the checkpoint records, else xception)")
+    _add_weights(p, required=False, preprocessing=False)
+    p.add_argument("--model", default=None, help="model name (default: the one the weights record, else xception)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--image-size", type=int, default=None,
                    help="side of the tracing input (default: the weights' preprocessing; the batch stays dynamic)")
@@ -313,7 +333,90 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
-SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_shard, add_bench, add_export, add_convert, add_models]
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .inference.classify import Classifier, class_index, gather_images, read_image
+    from .inference.explain import FEATURES, check_methods, grad_cam_library
+
+    grad_cam_library()  # a missing extra, an unknown method or class: named before any work
+    methods = check_methods(_csv(args.methods))
+    clf = Classifier(args.weights, device=args.device, image_size=args.image_size, crop_pct=args.crop_pct)
+    targets = [class_index(c, clf.class_names) for c in args.target] if args.target else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: set[Path] = set()
+    failures = 0
+    for path, error in gather_images(args.images):
+        try:
+            if error is not None:
+                raise FileNotFoundError(f"{path}: {error}")
+            image = read_image(path)
+        except (OSError, ValueError) as e:
+            failures += 1
+            print(f"xception explain: error: {e}", file=sys.stderr)
+            continue
+        explanation = clf.explain(image, targets, topk=args.topk, methods=methods, layer=args.layer)
+        dst, n = out / f"{path.stem}_explain.png", 1
+        while dst in written:  # two inputs with one name: photo_explain.png, photo_explain_2.png
+            n += 1
+            dst = out / f"{path.stem}_explain_{n}.png"
+        written.add(dst)
+        explanation.save(dst, title=f"{path.name}: {clf.model.model_name}, layer {args.layer or FEATURES}")
+        tops = ", ".join(f"{t.label} {t.prob:.3f}" for t in explanation.targets)
+        print(f"{path}: {dst} ({tops})", flush=True)
+    return 1 if failures else 0
+
+
+def add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="Grad-CAM and Grad-CAM++ heatmaps of images, one PNG each")
+    _add_weights(p, images=True)
+    p.add_argument("--out", default="explain_out", help="output folder (default: explain_out)")
+    p.add_argument("--topk", type=int, default=3, help="explain the K most probable classes (default: 3)")
+    p.add_argument("--class", dest="target", action="append", metavar="NAME",
+                   help='explain this class instead (name or index; repeatable), e.g. --class "golden retriever"')
+    p.add_argument("--methods", default="gradcam,gradcam++",
+                   help="comma-separated: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, scorecam")
+    p.add_argument("--layer", default=None,
+                   help="submodule to take the maps at, e.g. block11 (default: the last feature map)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from .app import launch
+
+    launch(args.weights, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
+def add_app(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("app", help="a web page (Gradio) to classify a photo: top-5 classes and Grad-CAM overlay")
+    _add_weights(p, preprocessing=False)
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_app)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .inference.summary import model_summary
+
+    print(model_summary(args.model, image_size=args.image_size, weights=args.weights, depth=args.depth))
+    return 0
+
+
+def add_summary(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("summary", help="layer table: output shapes and parameters (like Keras's model.summary())")
+    p.add_argument("--model", default=None, help="model name (default: the weights', else xception)")
+    _add_weights(p, required=False, preprocessing=False)
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: the weights', else 299)")
+    p.add_argument("--depth", type=int, default=4, help="levels of nested modules shown (default: 4)")
+    p.set_defaults(func=cmd_summary)
+
+
+SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_explain, add_shard, add_bench, add_export, add_convert,
+               add_models, add_summary, add_app]
 
 
 def build_parser() -> argparse.ArgumentParser:

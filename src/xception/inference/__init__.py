@@ -1,6 +1,10 @@
-"""Inference: prediction and evaluation from checkpoints, and the fast paths.
+"""Inference: classifying and explaining images, evaluation, and the fast paths.
 
-    predict    classify images, evaluate a checkpoint on held-out data
+    classify   Classifier (the Python API), decode_predictions, loading any weights for inference
+    explain    class-activation maps (Grad-CAM, Grad-CAM++, ...) and their figures
+    report     eval --report: confusion matrix, per-class precision/recall/F1, mistakes gallery
+    summary    the layer table (torchinfo)
+    predict    classify images, evaluate any weights on held-out data
     folding    batch norms folded into convolutions (export and every fast path start here)
     fused      the seed model run by the fused Triton kernels (kernels/)
     quantize   int8 1x1 convolutions for CPUs

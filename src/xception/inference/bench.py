@@ -30,6 +30,7 @@ from torch import nn
 
 from ..models.registry import build_model
 from ..preprocessing import Preprocessing
+from ..weights import load_pretrained
 from .optimize import optimize, resolve_precision
 from .parity import TOLERANCE, relative_error
 from .peers import PEER_CANDIDATES
@@ -126,7 +127,8 @@ def _ours(model: nn.Module, device: torch.device, precisions: list[str], modes: 
 
 def run_bench(
     *,
-    model_name: str = "xception",
+    model_name: str | None = "xception",
+    weights: str | os.PathLike | None = None,
     device: str = "cpu",
     batch_size: int = 1,
     image_size: int | None = None,
@@ -146,6 +148,10 @@ def run_bench(
     """Benchmark our modes and the peers; return the JSON-ready report (see module docstring).
 
     Args:
+        model_name: the model; with ``weights``, None takes the one the file records.
+        weights: the user's weights (``"keras"``, ``"timm"``, a file, a checkpoint): their batch-norm
+            statistics, and their preprocessing's image size unless ``image_size`` is given. Default:
+            random weights with random batch-norm statistics.
         dtypes: our precisions (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``); default
             :data:`DEFAULT_PRECISIONS` for the device (CPU: bf16 and int8; CUDA: bf16).
         modes: our modes among :data:`OUR_MODES`; default all that apply to the device.
@@ -158,7 +164,9 @@ def run_bench(
         compile_peers: include the peers' ``torch.compile`` modes (minutes of compiling on a small CPU).
     """
     dev = torch.device(device)
-    image_size = Preprocessing().image_size if image_size is None else image_size
+    model = load_pretrained(model_name, weights, **(model_kwargs or {})) if weights is not None else None
+    if image_size is None:
+        image_size = (model.preprocessing if model is not None else Preprocessing()).image_size
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     if batch_size < 1 or image_size < 1 or repeats < 1:
@@ -180,8 +188,9 @@ def run_bench(
         torch.set_num_threads(threads)
 
     torch.manual_seed(seed)
-    model = build_model(model_name, **(model_kwargs or {}))
-    randomize_batchnorm_(model, generator=torch.Generator().manual_seed(seed))
+    if model is None:
+        model = build_model(model_name or "xception", **(model_kwargs or {}))
+        randomize_batchnorm_(model, generator=torch.Generator().manual_seed(seed))
     model.eval()
     shape = (batch_size, getattr(model.config, "in_chans", 3), image_size, image_size)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -260,7 +269,8 @@ def run_bench(
     best_ours_int8, best_peer_int8 = best(True, "int8"), best(False, "int8")
     return {
         "device": _device_name(dev),
-        "model": model_name,
+        "model": model.model_name,
+        "weights": None if weights is None else str(weights),
         "batch_size": batch_size,
         "image_size": image_size,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

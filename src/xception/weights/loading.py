@@ -19,6 +19,7 @@ from torch import nn
 from ..fileio import atomic_path
 from ..models.registry import build_model, list_models
 from ..preprocessing import Preprocessing
+from .imagenet import IMAGENET_NUM_CLASSES, imagenet_classes
 from .matching import adapt, copy_into, implied_config, match_state_dict, unwrap
 from .readers import SAFETENSORS_FORMAT, WeightFile, read_weights
 from .sources import REMOTE_WEIGHTS, TIMM_PREPROCESSING, download_weights
@@ -30,6 +31,9 @@ def resolve_source(source: str | os.PathLike) -> Path:
     """A named public source (``"keras"``, ``"timm"``, ...) downloaded and verified, or a path."""
     if isinstance(source, str) and source in REMOTE_WEIGHTS:
         return download_weights(source)
+    if not Path(source).exists():
+        raise FileNotFoundError(f"weights not found: {source} (neither a file nor a named source: "
+                                f"{', '.join(REMOTE_WEIGHTS)})")
     return Path(source)
 
 
@@ -40,6 +44,15 @@ def weights_preprocessing(weights: WeightFile, name: str) -> Preprocessing:
     if weights.foreign and name in TIMM_PREPROCESSING:
         return TIMM_PREPROCESSING[name]
     return Preprocessing()
+
+
+def weights_class_names(weights: WeightFile, model: nn.Module) -> list[str] | None:
+    """The class names the file records; ImageNet's for a 1000-class Keras or foreign (timm) file without any."""
+    if weights.class_names is not None:
+        return weights.class_names
+    if getattr(model, "num_classes", None) == IMAGENET_NUM_CLASSES and (weights.kind == "keras" or weights.foreign):
+        return imagenet_classes()
+    return None
 
 
 def load_pretrained(name: str | None, source: str | os.PathLike | WeightFile, **kwargs) -> nn.Module:
@@ -54,8 +67,9 @@ def load_pretrained(name: str | None, source: str | os.PathLike | WeightFile, **
             the file's loads everything but the classifier, which stays freshly initialised.
 
     The model comes back in training mode, as ``create_model`` builds it; call ``.eval()`` to infer.
-    Its ``class_names`` attribute holds the file's class names (None if it records none), its
-    ``preprocessing`` the :class:`~xception.Preprocessing` its inputs need.
+    Its ``class_names`` attribute holds the file's class names (ImageNet's for a 1000-class Keras or
+    timm-layout file; None if it records none), its ``preprocessing`` the
+    :class:`~xception.Preprocessing` its inputs need.
     """
     weights = source if isinstance(source, WeightFile) else read_weights(resolve_source(source))
     if weights.model_name and name and weights.model_name != name:
@@ -71,7 +85,7 @@ def load_pretrained(name: str | None, source: str | os.PathLike | WeightFile, **
     state, with_head = match_state_dict(adapt(weights, model), model, weights.path,
                                         strict_classifier="num_classes" not in kwargs)
     copy_into(model, state)
-    model.class_names = weights.class_names if with_head else None
+    model.class_names = weights_class_names(weights, model) if with_head else None
     model.preprocessing = weights_preprocessing(weights, name)
     log.info("loaded %s weights from %s into %s", weights.kind, weights.path, name)
     return model
@@ -95,8 +109,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
                         weights.path, differ, {k: getattr(config, k) for k in differ})
     state, with_head = match_state_dict(adapt(weights, model), model, weights.path, strict_classifier=strict)
     copy_into(model, state)
-    if with_head and weights.class_names is not None:
-        model.class_names = weights.class_names
+    names = weights_class_names(weights, model) if with_head else None
+    if names is not None:
+        model.class_names = names
     model.preprocessing = weights_preprocessing(weights, getattr(model, "model_name", ""))
     return wrapper
 

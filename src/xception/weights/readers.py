@@ -43,6 +43,7 @@ class WeightFile:
         class_names: the class names the file records, if any.
         preprocessing: the preprocessing the file records or its source implies, if known.
         foreign: keys follow another implementation (timm/Cadene): prefixes, renames and reshapes apply.
+        train_config: the settings of the training run (our checkpoints only; ``{}`` otherwise).
     """
 
     path: Path
@@ -53,6 +54,7 @@ class WeightFile:
     class_names: list[str] | None = None
     preprocessing: Preprocessing | None = None
     foreign: bool = False
+    train_config: dict[str, Any] = field(default_factory=dict)
 
 
 def read_weights(path: str | os.PathLike) -> WeightFile:
@@ -128,7 +130,8 @@ def _read_torch(path: Path) -> WeightFile:
         log.info("%s: using the %s weights of the checkpoint", path, "EMA" if use_ema else "model")
         return WeightFile(path, "checkpoint", _tensors_only(ckpt["ema"] if use_ema else ckpt["model"], path),
                           model_name=ckpt["model_name"], config=dict(ckpt["config"] or {}),
-                          class_names=ckpt.get("class_names"), preprocessing=checkpoint_preprocessing(ckpt, path))
+                          class_names=ckpt.get("class_names"), preprocessing=checkpoint_preprocessing(ckpt, path),
+                          train_config=dict(ckpt.get("train_config") or {}))
     for key in ("state_dict", "model"):  # wrapped: {"state_dict": {...}, "epoch": ...}
         if isinstance(obj.get(key), dict):
             obj = obj[key]
