@@ -116,7 +116,7 @@ def _ours(model: nn.Module, device: torch.device, precisions: list[str], modes: 
             label = f"{mode}-{precision}-channels_last"
             out.append((label, precision, lambda d=precision, m=mode: optimize(
                 model, device=device, dtype=d, mode=m, example_shape=shape)))
-            if cuda_graphs and device.type == "cuda" and mode in ("eager", "fused"):
+            if cuda_graphs and device.type == "cuda":
                 out.append((label + "-cudagraphs", precision, lambda d=precision, m=mode: optimize(
                     model, device=device, dtype=d, mode=m, cuda_graphs=True, example_shape=shape)))
     return out
