@@ -73,7 +73,8 @@ def kernel_parity() -> None:
             kw = dict(stride=2, padding=pad, skip_input=inp, skip_weight=w, skip_bias=b, skip_stride=2)
             out = kernels.max_pool_add(x, **kw)
             ref = max_pool_add_reference(x.cpu().double(), **{**kw, "skip_input": inp.cpu().double(),
-                                                              "skip_weight": w.cpu().double(), "skip_bias": b.cpu().double()})
+                                                              "skip_weight": w.cpu().double(),
+                                                              "skip_bias": b.cpu().double()})
             check(f"pool+skip {size} pad={pad} {dtype}", relative_error(out, ref), BOUND[dtype])
 
 

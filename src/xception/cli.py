@@ -261,18 +261,27 @@ def _csv(value: str) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import contextlib
     import json
 
     from .inference.bench import format_table, run_bench
 
-    report = run_bench(model_name=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size,
-                       image_size=args.image_size, dtypes=_csv(args.dtype) if args.dtype else None,
-                       modes=_csv(args.modes) if args.modes else None,
-                       compare=_csv(args.compare) if args.compare is not None else None,
-                       cuda_graphs=args.cuda_graphs, warmup=args.warmup, repeats=args.repeats,
-                       min_round_s=args.min_round_s, threads=args.threads)
+    # stdout carries the report alone: what the peers print while building (NNCF's progress bars,
+    # exporters) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        report = _bench(args, run_bench)
     print(json.dumps(report) if args.json else format_table(report))
     return 0
+
+
+def _bench(args: argparse.Namespace, run_bench) -> dict:
+    return run_bench(model_name=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size,
+                     image_size=args.image_size, dtypes=_csv(args.dtype) if args.dtype else None,
+                     modes=_csv(args.modes) if args.modes else None,
+                     compare=_csv(args.compare) if args.compare is not None else None,
+                     cuda_graphs=args.cuda_graphs, warmup=args.warmup, repeats=args.repeats,
+                     min_round_s=args.min_round_s, threads=args.threads, calibration=args.calibration,
+                     compile_peers=args.compile_peers)
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
@@ -284,10 +293,17 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="input side (default: the weights' preprocessing, else 299; no --weights: random weights)")
     p.add_argument("--dtype", default=None,
-                   help="our precision(s), comma-separated: fp32,bf16,fp16,int8 (int8: int8 1x1 convs, bf16 "
-                        "elsewhere; CPU only) (default: bf16,int8 on cpu, bf16 on cuda)")
+                   help="our precision(s), comma-separated: fp32,bf16,fp16,int8,int8-dynamic (int8: static, "
+                        "calibrated on the same images as the int8 peers, or the --weights file's own calibration; "
+                        "int8-dynamic: int8 1x1 convs, bf16 elsewhere, no calibration; both CPU only) (default on "
+                        "cpu: bf16 where native else fp32, int8, and int8-dynamic on CPUs with VNNI/AMX; cuda: bf16)")
     p.add_argument("--modes", default=None, help="our modes, comma-separated: eager,compile,fused (default: all)")
-    p.add_argument("--compare", default=None, help="peers, comma-separated: timm,onnxruntime (default: both; '' none)")
+    p.add_argument("--compare", default=None,
+                   help="peers, comma-separated: timm,onnxruntime,openvino (default: all; '' none)")
+    p.add_argument("--calibration", type=int, default=16,
+                   help="images (seeded random) our static int8 and the int8 peers are calibrated on")
+    p.add_argument("--compile-peers", action=argparse.BooleanOptionalAction, default=True,
+                   help="include timm under torch.compile (minutes of compiling on a small CPU)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="also time CUDA-graph replays (default: on CUDA at batch <= 8)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up calls per candidate")
@@ -296,6 +312,36 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every candidate (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .inference.calibrate import quantize_weights
+
+    if not Path(args.out).resolve().parent.is_dir():  # fail before any work
+        raise FileNotFoundError(f"output folder {str(Path(args.out).parent)!r} does not exist")
+    q = quantize_weights(args.weights, args.calibrate, args.out, images=args.images, batch_size=args.batch_size,
+                         seed=args.seed, val_split=args.val_split, image_size=args.image_size,
+                         crop_pct=args.crop_pct, progress=_is_rank0())
+    print(f"wrote {args.out}: static int8 ({q.info['engine']}), calibrated on {q.info['images']} images of "
+          f"{args.calibrate}")
+    return 0
+
+
+def add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="static int8 for the CPU: calibrate on your images, write a .safetensors "
+                                        "that predict / eval / bench / export run in int8")
+    _add_weights(p)
+    p.add_argument("--calibrate", required=True, metavar="DATA",
+                   help="'digits', a folder with train/ (its images), or a class folder")
+    p.add_argument("--out", required=True, help="the .safetensors to write (fp32 weights + calibration)")
+    p.add_argument("--images", type=int, default=128, help="calibration images (a seeded random draw)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="for a class folder without train/: calibrate on the other 1-F only")
+    p.set_defaults(func=cmd_quantize)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -314,7 +360,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         model = load_pretrained(args.model, args.weights)
     report = export_model(model, args.format, args.out, image_size=args.image_size, check=args.check)
     errors = ", ".join(f"batch {b}: {e:.1e}" for b, e in report.errors.items())
-    print(f"wrote {report.path} ({report.format})" + (f"; relative error vs PyTorch fp32: {errors}" if errors else ""))
+    against = "int8" if getattr(model, "int8_calibration", None) is not None else "fp32"
+    print(f"wrote {report.path} ({report.format})"
+          + (f"; relative error vs PyTorch {against}: {errors}" if errors else ""))
     return 0
 
 
@@ -415,7 +463,8 @@ def add_summary(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_summary)
 
 
-SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_explain, add_shard, add_bench, add_export, add_convert,
+SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_explain, add_shard, add_bench, add_quantize, add_export,
+               add_convert,
                add_models, add_summary, add_app]
 
 

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from xception.cli import main
 from xception.inference.bench import format_table, run_bench
@@ -62,12 +63,26 @@ def test_bench_cli_json_and_missing_peer(monkeypatch, capsys):
     assert main(["bench", "--dtype", "int3"]) == 2
 
 
-def test_bench_times_the_int8_path():
-    report = run_bench(image_size=40, dtypes=["int8"], modes=["eager"], compare=[], warmup=0, repeats=1,
-                       min_round_s=0.0, model_kwargs={"middle_blocks": 0})
-    (row,) = report["results"]
-    assert row["mode"] == "eager-int8-channels_last" and row["parity_ok"] and 0 < row["rel_error"] <= BF16
-    assert report["best_ours"]["mode"] == "eager-int8-channels_last"
+def test_bench_times_both_int8_paths():
+    report = run_bench(image_size=40, dtypes=["int8", "int8-dynamic"], modes=["eager"], compare=[], warmup=0,
+                       repeats=1, min_round_s=0.0, calibration=2, model_kwargs={"middle_blocks": 0})
+    rows = {r["mode"]: r for r in report["results"]}
+    assert set(rows) == {"static-int8", "eager-int8-dynamic-channels_last"}
+    assert all(r["precision"] == "int8" and r["parity_ok"] and r["images_per_s"] > 0 for r in rows.values())
+    assert 0 < rows["eager-int8-dynamic-channels_last"]["rel_error"] <= BF16
+    assert 0 < rows["static-int8"]["rel_error"] <= TOLERANCE["int8"]
+    assert report["best_ours_int8"]["mode"] in rows
+
+
+def test_bench_default_precisions_follow_the_cpu(monkeypatch):
+    from xception.inference import bench
+
+    for flags, expected in [(set(), ["fp32", "int8"]), ({"avx512_bf16"}, ["bf16", "int8"]),
+                            ({"amx_bf16", "amx_int8"}, ["bf16", "int8", "int8-dynamic"]),
+                            ({"avx_vnni"}, ["fp32", "int8", "int8-dynamic"])]:
+        monkeypatch.setattr(bench, "cpu_flags", lambda flags=flags: flags)
+        assert bench.default_precisions(torch.device("cpu")) == expected
+    assert bench.default_precisions(torch.device("cuda")) == ["bf16"]
 
 
 @pytest.mark.slow
@@ -84,7 +99,8 @@ def test_deployment_engines_as_peers():
     for key, (precision, bound) in expected.items():
         assert rows[key]["precision"] == precision and 0 <= rows[key]["rel_error"] <= bound, (key, rows[key])
         assert rows[key]["images_per_s"] > 0
-    assert rows[("ours", "eager-int8-channels_last")]["precision"] == "int8"
+    assert rows[("ours", "static-int8")]["precision"] == "int8"
+    assert rows[("ours", "static-int8")]["rel_error"] <= TOLERANCE["int8"]
     assert report["calibration_images"] == 4 and report["best_peer_int8"]["impl"] in ("onnxruntime", "openvino")
     assert report["int8_speedup"] == pytest.approx(report["best_ours_int8"]["images_per_s"]
                                                    / report["best_peer_int8"]["images_per_s"])

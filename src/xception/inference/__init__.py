@@ -7,7 +7,8 @@
     predict    classify images, evaluate any weights on held-out data
     folding    batch norms folded into convolutions (export and every fast path start here)
     fused      the seed model run by the fused Triton kernels (kernels/)
-    quantize   int8 1x1 convolutions for CPUs
+    quantize   int8 for CPUs: static (every conv, calibrated) and dynamic (1x1 convs, no data)
+    calibrate  xception quantize: calibration on a user's images, the int8 file
     optimize   optimize(): folding + dtype + eager / compile / fused / CUDA graphs
     parity     relative error and the bounds each precision is held to
     export     ONNX, TorchScript, exported program, with a parity check

@@ -31,16 +31,29 @@ from torch import nn
 from ..models.registry import build_model
 from ..preprocessing import Preprocessing
 from ..weights import load_pretrained
-from .optimize import optimize, resolve_precision
+from .optimize import optimize
 from .parity import TOLERANCE, relative_error
 from .peers import PEER_CANDIDATES
+from .quantize import cpu_flags, cpu_has_int8_dot, cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
 PEERS = tuple(PEER_CANDIDATES)
 OUR_MODES = ("eager", "compile", "fused")
 # Our precisions timed when none are given: the fast ones for the device.
-DEFAULT_PRECISIONS = {"cpu": ["bf16", "int8"], "cuda": ["bf16"]}
+# "int8": static int8 calibrated on the same images as the int8 peers; "int8-dynamic": the
+# no-calibration form (int8 1x1 convs with per-pixel scales, bf16 elsewhere).
+BENCH_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8-dynamic")
+
+
+def default_precisions(device: torch.device) -> list[str]:
+    """CUDA: bf16. CPU: bf16 where it is native (else fp32, as oneDNN's emulated bf16 is far
+    slower), static int8, and dynamic int8 where the CPU has int8 dot-product instructions."""
+    if device.type != "cpu":
+        return ["bf16"]
+    flags = cpu_flags()
+    return (["bf16" if cpu_has_native_bf16(flags) else "fp32", "int8"]
+            + (["int8-dynamic"] if cpu_has_int8_dot(flags) else []))
 
 
 @dataclass
@@ -107,13 +120,21 @@ def _time_call(fn: Callable, x: torch.Tensor, device: torch.device) -> float:
 
 
 def _ours(model: nn.Module, device: torch.device, precisions: list[str], modes: list[str],
-          shape: tuple[int, ...], cuda_graphs: bool) -> list[tuple[str, str, Callable[[], nn.Module]]]:
+          shape: tuple[int, ...], cuda_graphs: bool,
+          calibration: list[torch.Tensor]) -> list[tuple[str, str, Callable[[], nn.Module]]]:
     out = []
-    for precision in precisions:  # int8 on CUDA: optimize() refuses it, reported as that row's error
+    for name in precisions:  # int8 on CUDA: optimize() refuses it, reported as that row's error
+        if name == "int8":  # static: one row, whatever the modes
+            # a file `xception quantize` wrote runs its own calibration; other models the shared images
+            own = getattr(model, "int8_calibration", None) is not None
+            out.append(("static-int8" + ("-file" if own else ""), "int8", lambda: optimize(
+                model, device=device, dtype="int8", calibration=None if own else calibration, example_shape=shape)))
+            continue
+        precision = "int8" if name == "int8-dynamic" else name
         for mode in modes:
             if mode == "fused" and device.type != "cuda":
                 continue  # on a CPU the fused path runs the PyTorch references: not a fast path
-            label = f"{mode}-{precision}-channels_last"
+            label = f"{mode}-{name}-channels_last"
             out.append((label, precision, lambda d=precision, m=mode: optimize(
                 model, device=device, dtype=d, mode=m, example_shape=shape)))
             if cuda_graphs and device.type == "cuda":
@@ -152,15 +173,16 @@ def run_bench(
         weights: the user's weights (``"keras"``, ``"timm"``, a file, a checkpoint): their batch-norm
             statistics, and their preprocessing's image size unless ``image_size`` is given. Default:
             random weights with random batch-norm statistics.
-        dtypes: our precisions (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``); default
-            :data:`DEFAULT_PRECISIONS` for the device (CPU: bf16 and int8; CUDA: bf16).
+        dtypes: our precisions, among :data:`BENCH_PRECISIONS` (``"int8"``: static, calibrated on
+            the int8 peers' images; ``"int8-dynamic"``: no calibration); default
+            :func:`default_precisions` for the device.
         modes: our modes among :data:`OUR_MODES`; default all that apply to the device.
         compare: peers among :data:`PEERS`; default all.
         cuda_graphs: also time our eager/fused modes through CUDA graphs; default on CUDA for
             batch <= 8.
         repeats: timing rounds; each round times every candidate for at least ``min_round_s``.
         threads: CPU threads for every candidate (PyTorch, ONNX Runtime, OpenVINO alike); default as is.
-        calibration: images the int8 peers are calibrated on.
+        calibration: images our static int8 path and the int8 peers are calibrated on.
         compile_peers: include the peers' ``torch.compile`` modes (minutes of compiling on a small CPU).
     """
     dev = torch.device(device)
@@ -171,7 +193,10 @@ def run_bench(
         raise ValueError("device 'cuda' requested but CUDA is not available")
     if batch_size < 1 or image_size < 1 or repeats < 1:
         raise ValueError(f"batch size, image size and repeats must be >= 1, got {batch_size}, {image_size}, {repeats}")
-    precisions = [resolve_precision(d)[0] for d in (dtypes or DEFAULT_PRECISIONS.get(dev.type, ["bf16"]))]
+    precisions = list(dtypes or default_precisions(dev))
+    for d in precisions:
+        if d not in BENCH_PRECISIONS:
+            raise ValueError(f"dtype must be among {', '.join(BENCH_PRECISIONS)}, got {d!r}")
     modes = list(modes or OUR_MODES)
     for m in modes:
         if m not in OUR_MODES:
@@ -202,7 +227,7 @@ def run_bench(
 
     builders: list[tuple[str, str, str, Callable]] = []
     failed: list[Result] = []
-    for label, precision, build in _ours(model, dev, precisions, modes, shape, cuda_graphs):
+    for label, precision, build in _ours(model, dev, precisions, modes, shape, cuda_graphs, calib):
         builders.append(("ours", label, precision, build))
     for peer in compare:
         try:
@@ -299,7 +324,11 @@ def _device_name(dev: torch.device) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"cpu: {cpu}, {os.cpu_count()} logical cores, capability {torch.backends.cpu.get_cpu_capability()}"
+    flags = cpu_flags()
+    extras = [name for name, has in (("native bf16", cpu_has_native_bf16(flags)), ("int8 dot", cpu_has_int8_dot(flags)))
+              if has] or ["no native bf16, no int8 dot"]
+    return (f"cpu: {cpu}, {os.cpu_count()} logical cores, capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{', '.join(extras)}")
 
 
 def _versions() -> dict[str, str | None]:

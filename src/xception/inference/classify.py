@@ -27,6 +27,7 @@ from ..training.data import expand_inputs
 from ..weights import WeightFile, load_pretrained
 from ..weights.imagenet import IMAGENET_NUM_CLASSES, imagenet_classes
 from . import explain as cam
+from .quantize import int8_model
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -77,15 +78,16 @@ def class_index(target: str | int, class_names: Sequence[str]) -> int:
 
 def load_model(weights: str | os.PathLike | WeightFile, *, device: str | torch.device = "cpu",
                model_name: str | None = None, image_size: int | None = None,
-               crop_pct: float | None = None) -> nn.Module:
+               crop_pct: float | None = None, int8: bool = True) -> nn.Module:
     """The model ``weights`` imply, in eval mode on ``device``, with ``class_names`` (its file's, else
-    ``"0"``, ``"1"``, ...) and ``preprocessing`` (the weights', ``image_size`` / ``crop_pct`` overriding)."""
+    ``"0"``, ``"1"``, ...) and ``preprocessing`` (the weights', ``image_size`` / ``crop_pct`` overriding).
+    A file ``xception quantize`` wrote runs in int8 on a CPU (``int8=False``: its fp32 weights)."""
     model = load_pretrained(model_name, weights).to(device).eval()
     if not getattr(model, "num_classes", 0):
         raise ValueError(f"{weights}: weights without a classifier (e.g. keras_notop) cannot classify")
     model.class_names = list(model.class_names or [str(i) for i in range(model.num_classes)])
     model.preprocessing = model.preprocessing.replace(image_size=image_size, crop_pct=crop_pct)
-    return model
+    return int8_model(model, device) if int8 else model
 
 
 def read_image(image: ImageLike) -> Image.Image:
@@ -206,7 +208,9 @@ class Classifier:
             wanted = [classes] if isinstance(classes, (str, int)) else list(classes)
             targets = [Prediction(self.class_names[i], probs[i].item(), i)
                        for i in (class_index(c, self.class_names) for c in wanted)]
-        heatmaps = cam.class_activation_maps(self.model, x, [t.index for t in targets], methods=methods, layer=layer)
+        # gradients need floating point: an int8 model is explained through the fp32 weights it was made from
+        float_model = getattr(self.model, "float_model", self.model)
+        heatmaps = cam.class_activation_maps(float_model, x, [t.index for t in targets], methods=methods, layer=layer)
         return Explanation(cam.to_display(x[0], self.preprocessing), targets, heatmaps, layer or cam.FEATURES)
 
 

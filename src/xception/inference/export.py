@@ -1,8 +1,9 @@
 """Export a model to ONNX, TorchScript or a ``torch.export`` program, with a parity check.
 
 ``export_model(model, fmt, out_path)`` exports the batch-norm-folded model (same function, fewer
-ops) with a dynamic batch axis, then loads the written file back and runs batch 1 and batch 3
-through it (ONNX through ONNX Runtime), comparing with the PyTorch model in fp32. The file is
+ops; the int8 model of a file ``xception quantize`` wrote: TorchScript only) with a dynamic batch
+axis, then loads the written file back and runs batch 1 and batch 3 through it (ONNX through ONNX
+Runtime), comparing with the PyTorch model (fp32, or that int8 model). The file is
 written to a temporary name in the target folder and moved into place only after the check
 passes, so a failed export never leaves (or replaces) a file.
 """
@@ -25,6 +26,7 @@ from ..fileio import atomic_path
 from ..preprocessing import Preprocessing
 from .folding import fold_batchnorms
 from .parity import EXPORT_TOLERANCE, relative_error
+from .quantize import STATIC_ENGINE, int8_model, quantized_engine
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +114,23 @@ def export_model(
         require("onnxscript", "onnx", "ONNX export")
     model = model.eval().cpu().float()
     in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
-    exported = fold_batchnorms(model) if fold else model
+    stack = contextlib.ExitStack()
+    if getattr(model, "int8_calibration", None) is not None:  # a file `xception quantize` wrote
+        if fmt != "torchscript":
+            raise ValueError(f"int8 weights export as TorchScript only (--format torchscript), not {fmt}; for "
+                             f"{fmt}, export their fp32 weights (`xception convert` writes them without the int8)")
+        model = int8_model(model)  # checked against the int8 model itself
+        exported = model.traceable()
+        # TorchScript repacks int8 weights for the quantized engine active when it loads them: the
+        # check loads them for the engine our int8 model runs (another engine rounds a little
+        # differently, ~1e-3 relative)
+        stack.enter_context(quantized_engine(STATIC_ENGINE))
+    else:
+        exported = fold_batchnorms(model) if fold else model
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, in_chans, image_size, image_size, generator=gen)
     errors: dict[int, float] = {}
-    with atomic_path(out, suffix=f".tmp{SUFFIXES[fmt]}") as tmp:  # moved into place only if the check passes
+    with stack, atomic_path(out, suffix=f".tmp{SUFFIXES[fmt]}") as tmp:  # moved into place only if the check passes
         run = _export(exported, fmt, example, str(tmp))
         if check:
             for batch in (1, 3):

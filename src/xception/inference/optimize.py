@@ -24,9 +24,17 @@ What it does, in order:
    On CUDA, ``cuda_graphs=True`` replays a captured CUDA graph per input shape (batch-1 latency:
    on the H200, compile + graphs 0.51 ms, eager + graphs 0.80 ms, compile alone 3.3 ms).
 
-``dtype="int8"`` (CPU, modes eager and compile) runs the 1x1 convolutions as int8 x int8 -> int32
-products with per-pixel dynamic activation scales and per-channel weight scales
-(:mod:`.quantize`), and everything else in bf16. It is held to the bf16 parity bound.
+``dtype="int8"`` (CPU) has two forms (:mod:`.quantize`):
+
+* with ``calibration`` (batches of preprocessed images), or for a model loaded from a file
+  ``xception quantize`` wrote (its recorded calibration): **static int8**, every conv in int8 with
+  per-channel weight scales and activation ranges calibrated on those images, activations int8
+  between layers, run by PyTorch's quantized CPU kernels; fast on AVX2 and on VNNI / AMX CPUs.
+  ``mode`` does not apply (the result's mode is ``"static"``).
+* without: the **dynamic** form, no data needed: the 1x1 convolutions as int8 x int8 -> int32
+  products with per-pixel activation scales computed on every call, everything else in bf16
+  (modes eager and compile). Fast only where the CPU has int8 dot-product instructions
+  (:func:`.quantize.cpu_has_int8_dot`); on an AVX2-only CPU it is far slower than fp32.
 
 The returned module takes and returns tensors like the original (any device, dtype, layout): it
 moves the input to the target, and returns the output in the input's dtype on the input's device.
@@ -42,7 +50,7 @@ from torch import nn
 
 from .folding import fold_batchnorms
 from .fused import FusedXception, Unsupported
-from .quantize import quantize_pointwise
+from .quantize import calibrate_static, int8_model, quantize_pointwise
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +145,7 @@ def optimize(
     mode: str = "auto",
     cuda_graphs: bool = False,
     example_shape: tuple[int, int, int, int] | None = None,
+    calibration=None,
 ) -> OptimizedModel:
     """A faster module computing ``model.eval()``'s function; the original is not modified.
 
@@ -150,6 +159,8 @@ def optimize(
         cuda_graphs: replay CUDA graphs (CUDA only; best for small batches).
         example_shape: run one input of this shape now, so compilation and autotuning happen
             here (their time is in ``compile_seconds`` of the result) rather than on first use.
+        calibration: with ``dtype="int8"``, an iterable of (B, C, H, W) float batches, preprocessed
+            like the model's inputs: the static int8 path (see above), calibrated on them.
     """
     device = torch.device(device)
     precision, dtype = resolve_precision(dtype)
@@ -161,6 +172,19 @@ def optimize(
         if mode == "fused":  # the fused kernels are bf16/fp32 only, like other unsupported structures
             log.warning("fused path unavailable for dtype int8; using mode 'eager'")
             mode = "eager"
+    from_file = precision == "int8" and calibration is None and getattr(model, "int8_calibration", None) is not None
+    if calibration is not None or from_file:
+        if precision != "int8":
+            raise ValueError(f"calibration applies to dtype 'int8', not {precision!r}")
+        if device.type != "cpu":
+            raise ValueError(f"dtype 'int8' is a CPU path, got device {str(device)!r} (use bf16 there)")
+        start = time.perf_counter()
+        static = int8_model(model, device) if from_file else calibrate_static(model, calibration)
+        out = OptimizedModel(static, device=device, dtype=torch.float32, precision="int8", mode="static",
+                             compile_seconds=time.perf_counter() - start)
+        if example_shape is not None:
+            out(torch.randn(example_shape))
+        return out
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA device, got {str(device)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():

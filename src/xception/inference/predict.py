@@ -94,7 +94,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, device: str
                             collate_fn=collate_skip)
         watch = MistakeWatch(model) if report is not None else None
         if watch is not None:
-            cam.target_layer(cam.FeatureMapModel(model), cam_layer)  # a layer that does not exist: before the pass
+            # a layer that does not exist: before the pass (Grad-CAM of an int8 model: its fp32 weights)
+            cam.target_layer(cam.FeatureMapModel(getattr(model, "float_model", model)), cam_layer)
         result = evaluate(watch or model, watch.batches(loader) if watch else loader, num_classes=len(classes),
                           device=env.device, amp_dtype=amp_dtype(amp, env.device), channels_last=True)
     finally:
@@ -104,7 +105,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, device: str
     result["checkpoint"] = str(checkpoint)
     result["data"] = str(data)
     if watch is not None and env.rank == 0:
-        result["report"] = write_report(report, result, model, watch, preprocessing, cam_layer)
+        result["report"] = write_report(report, result, getattr(model, "float_model", model), watch, preprocessing,
+                                        cam_layer)
     return result
 
 

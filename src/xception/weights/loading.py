@@ -21,7 +21,7 @@ from ..models.registry import build_model, list_models
 from ..preprocessing import Preprocessing
 from .imagenet import IMAGENET_NUM_CLASSES, imagenet_classes
 from .matching import adapt, copy_into, implied_config, match_state_dict, unwrap
-from .readers import SAFETENSORS_FORMAT, WeightFile, read_weights
+from .readers import INT8_PREFIX, SAFETENSORS_FORMAT, WeightFile, read_weights
 from .sources import REMOTE_WEIGHTS, TIMM_PREPROCESSING, download_weights
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ def load_pretrained(name: str | None, source: str | os.PathLike | WeightFile, **
             the file's loads everything but the classifier, which stays freshly initialised.
 
     The model comes back in training mode, as ``create_model`` builds it; call ``.eval()`` to infer.
+    A file ``xception quantize`` wrote gives the fp32 model with its calibration attached as
+    ``model.int8_calibration`` (see :func:`xception.inference.quantize.int8_model`).
     Its ``class_names`` attribute holds the file's class names (ImageNet's for a 1000-class Keras or
     timm-layout file; None if it records none), its ``preprocessing`` the
     :class:`~xception.Preprocessing` its inputs need.
@@ -87,6 +89,9 @@ def load_pretrained(name: str | None, source: str | os.PathLike | WeightFile, **
     copy_into(model, state)
     model.class_names = weights_class_names(weights, model) if with_head else None
     model.preprocessing = weights_preprocessing(weights, name)
+    if weights.int8 is not None and with_head and not kwargs:
+        # a static int8 calibration of exactly these weights: the inference commands run it on a CPU
+        model.int8_calibration = weights.int8
     log.info("loaded %s weights from %s into %s", weights.kind, weights.path, name)
     return model
 
@@ -117,10 +122,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
 
 
 def save_safetensors(model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None, *,
-                     preprocessing: Preprocessing | None = None) -> Path:
+                     preprocessing: Preprocessing | None = None, int8: dict | None = None) -> Path:
     """Write ``model``'s weights and what rebuilds and feeds it (name, config, class names,
     preprocessing) to ``path``, atomically. ``class_names`` and ``preprocessing`` default to the
-    model's own attributes (set by the loaders), then to none and ``Preprocessing()``."""
+    model's own attributes (set by the loaders), then to none and ``Preprocessing()``. ``int8``:
+    a static int8 calibration (``{"state": tensors, "info": dict}``) stored beside the weights."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -142,6 +148,9 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, class_names: lis
         "preprocessing": json.dumps(preprocessing.to_dict()),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if int8 is not None:
+        metadata["int8"] = json.dumps(int8["info"])
+        tensors.update({INT8_PREFIX + k: v.detach().cpu().contiguous() for k, v in int8["state"].items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # metadata of our .safetensors files.
 CHECKPOINT_FORMAT = "xception-checkpoint"
 SAFETENSORS_FORMAT = "xception"
+# Tensors of a static int8 calibration in our .safetensors files (``xception quantize``).
+INT8_PREFIX = "int8_calibration."
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
@@ -44,6 +46,8 @@ class WeightFile:
         preprocessing: the preprocessing the file records or its source implies, if known.
         foreign: keys follow another implementation (timm/Cadene): prefixes, renames and reshapes apply.
         train_config: the settings of the training run (our checkpoints only; ``{}`` otherwise).
+        int8: ``{"state": observer tensors, "info": how it was made}`` of a file ``xception quantize``
+            wrote (static int8 calibration; the tensors in ``state_dict`` stay the fp32 weights).
     """
 
     path: Path
@@ -55,6 +59,7 @@ class WeightFile:
     preprocessing: Preprocessing | None = None
     foreign: bool = False
     train_config: dict[str, Any] = field(default_factory=dict)
+    int8: dict[str, Any] | None = None
 
 
 def read_weights(path: str | os.PathLike) -> WeightFile:
@@ -161,7 +166,14 @@ def _read_safetensors(path: Path) -> WeightFile:
         config = json.loads(meta.get("config") or "{}")
         class_names = json.loads(meta.get("class_names") or "null")
         preprocessing = json.loads(meta.get("preprocessing") or "null")
+        int8_info = json.loads(meta["int8"]) if "int8" in meta else None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupt metadata: {e}") from None
+    int8 = None
+    if int8_info is not None:
+        calibration = {k[len(INT8_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(INT8_PREFIX)]}
+        if not isinstance(int8_info, dict) or not calibration:
+            raise ValueError(f"{path}: int8 metadata without its calibration tensors")
+        int8 = {"state": calibration, "info": int8_info}
     return WeightFile(path, "safetensors", state, model_name=meta.get("model_name"), config=config,
-                      class_names=class_names, preprocessing=recorded_preprocessing(preprocessing, path))
+                      class_names=class_names, preprocessing=recorded_preprocessing(preprocessing, path), int8=int8)
