@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import xception
+
 from xception.cli import main
 from xception.inference.bench import format_table, run_bench
 from xception.inference.parity import TOLERANCE
@@ -18,8 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def test_bench_report_and_peers():
+def test_bench_report_and_peers(monkeypatch):
+    from xception.inference import peers
 
+    monkeypatch.setattr(peers, "cpu_has_native_bf16", lambda: True)  # timm's bf16 rows, on any CPU
     report = run_bench(image_size=48, dtypes=["fp32"], modes=["eager"], compare=["timm"], warmup=0, repeats=1,
                        min_round_s=0.0, compile_peers=False)
     json.dumps(report)  # JSON-ready
@@ -37,6 +41,17 @@ def test_bench_report_and_peers():
     for r in report["results"]:
         assert r["images_per_s"] > 0 and r["latency_ms_p95"] >= r["latency_ms_p50"] > 0
     assert "best ours" in format_table(report)
+
+
+def test_timm_peer_stays_fp32_without_native_bf16(monkeypatch):
+    from xception.inference import peers
+
+    monkeypatch.setattr(peers, "cpu_has_native_bf16", lambda: False)
+    model = xception.create_model("xception")
+    labels = [(label, precision) for label, precision, _ in peers.timm_candidates(model, torch.device("cpu"),
+                                                                                  (1, 3, 40, 40), [])]
+    assert labels == [("eager-fp32-nchw", "fp32"), ("eager-fp32-channels_last", "fp32"),
+                      ("compile-freezing-fp32-channels_last", "fp32")]
 
 
 def test_bench_aligned_model_has_its_timm_peer():
