@@ -78,6 +78,24 @@ def test_bench_cli_json_and_missing_peer(monkeypatch, capsys):
     assert main(["bench", "--dtype", "int3"]) == 2
 
 
+def test_bench_json_stdout_is_the_report_alone(monkeypatch, capsys):
+    """Whatever a peer prints while it builds (NNCF's progress bars do) goes to stderr."""
+    from xception.inference import peers
+
+    def chatty(model, device, shape, calibration):
+        def build():
+            print("Statistics collection 100%")
+            return (lambda x: torch.zeros(x.shape[0], 1000)), 0.0
+        return [("chatty", "fp32", build)]
+
+    monkeypatch.setitem(peers.PEER_CANDIDATES, "timm", chatty)
+    assert main(["bench", "--image-size", "40", "--dtype", "fp32", "--modes", "eager", "--compare", "timm",
+                 "--warmup", "0", "--repeats", "1", "--min-round-s", "0", "--json"]) == 0
+    out = capsys.readouterr()
+    assert [r["mode"] for r in json.loads(out.out)["results"]] == ["eager-fp32-channels_last", "chatty"]
+    assert "Statistics collection" in out.err
+
+
 def test_bench_times_both_int8_paths():
     report = run_bench(image_size=40, dtypes=["int8", "int8-dynamic"], modes=["eager"], compare=[], warmup=0,
                        repeats=1, min_round_s=0.0, calibration=2, model_kwargs={"middle_blocks": 0})
