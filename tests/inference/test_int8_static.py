@@ -61,6 +61,17 @@ def test_static_int8_rebuilds_exactly_from_its_state(one_thread):
         StaticInt8(model, broken, q.info)
 
 
+def test_frozen_graph_computes_the_fx_function(one_thread):
+    q = calibrate_static(_model(num_classes=10), _batches(2, 32))
+    for shape in [(1, 3, 32, 32), (3, 3, 40, 36), (1, 3, 32, 32)]:
+        x = torch.randn(shape)
+        q.frozen = True
+        fast = q(x)
+        q.frozen = False
+        assert torch.equal(fast, q(x)), shape
+    assert set(q._frozen_graphs) == {(1, 3, 32, 32), (3, 3, 40, 36)}
+
+
 def test_optimize_static_int8_and_its_arguments(one_thread):
     model = _model(num_classes=10)
     fast = optimize(model, dtype="int8", calibration=_batches(2, 32))
