@@ -119,6 +119,15 @@ def test_quantize_file_round_trip(weights_file, tmp_path, one_thread):
         assert relative_error(plain(x), model(x)) < 1e-6
     fp32 = load_model(path, device="cpu")
     assert int8_model(fp32) is fp32  # a file without calibration stays fp32
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(out), framework="pt") as f:  # a calibration that lost one observer
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors.pop(next(k for k in tensors if k.startswith("int8_calibration.")))
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"bad\.safetensors: int8 calibration state does not match"):
+        load_model(tmp_path / "bad.safetensors", device="cpu")
 
 
 def test_quantize_cli_then_predict_eval_bench_export(weights_file, tmp_path, capsys, one_thread):

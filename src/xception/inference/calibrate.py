@@ -23,6 +23,8 @@ def calibration_set(data, preprocessing, count: int, *, seed: int = 0, val_split
 
     from ..training.data import DIGITS, DigitsDataset, SafeImageFolder, build_datasets
 
+    if count < 1:
+        raise ValueError(f"calibration needs at least 1 image, got {count}")
     transform = preprocessing.eval_transform()
     if str(data) == DIGITS:
         train = DigitsDataset("train", transform)
@@ -33,8 +35,6 @@ def calibration_set(data, preprocessing, count: int, *, seed: int = 0, val_split
         train = build_datasets(data, preprocessing, val_split=val_split).train
         base = train.dataset if isinstance(train, Subset) else train
         base.transform = transform
-    if count < 1:
-        raise ValueError(f"calibration needs at least 1 image, got {count}")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count].tolist()
     return Subset(train, sorted(order))
 
@@ -45,7 +45,6 @@ def quantize_weights(weights, data, out, *, images: int = 128, batch_size: int =
     """``xception quantize``: calibrate static int8 for ``weights`` on ``images`` training images of
     ``data`` and write it to ``out`` (:func:`save_int8`); returns the :class:`StaticInt8`."""
     from torch.utils.data import DataLoader
-
 
     model = load_model(weights, device="cpu", image_size=image_size, crop_pct=crop_pct, int8=False)
     subset = calibration_set(data, model.preprocessing, images, seed=seed, val_split=val_split)

@@ -320,7 +320,10 @@ def int8_model(model: nn.Module, device: str | torch.device = "cpu") -> nn.Modul
     if torch.device(device).type != "cpu":
         log.warning("int8 weights run on the CPU; using their fp32 weights on %s", device)
         return model
-    quantized = StaticInt8(model.eval().cpu().float(), calibration["state"], calibration["info"])
+    try:
+        quantized = StaticInt8(model.eval().cpu().float(), calibration["state"], calibration["info"])
+    except ValueError as e:  # name the file the calibration came from
+        raise ValueError(f"{calibration.get('path', 'int8 weights')}: {e}") from None
     log.info("running static int8 (%s, calibrated on %s images of %s)", STATIC_ENGINE,
              calibration["info"].get("images"), calibration["info"].get("calibration_data", "?"))
     return quantized

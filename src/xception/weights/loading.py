@@ -91,7 +91,7 @@ def load_pretrained(name: str | None, source: str | os.PathLike | WeightFile, **
     model.preprocessing = weights_preprocessing(weights, name)
     if weights.int8 is not None and with_head and not kwargs:
         # a static int8 calibration of exactly these weights: the inference commands run it on a CPU
-        model.int8_calibration = weights.int8
+        model.int8_calibration = {**weights.int8, "path": str(weights.path)}
     log.info("loaded %s weights from %s into %s", weights.kind, weights.path, name)
     return model
 
