@@ -24,6 +24,9 @@ import logging
 import torch
 from torch import nn
 
+from .kernels import cpu as cpu_kernels
+from .kernels.cpu import cpu_flags
+
 log = logging.getLogger(__name__)
 
 # Below this many input channels a 1x1 conv stays in floating point (measured on the 2-core
@@ -113,18 +116,6 @@ STATIC_ENGINE = "onednn"
 _OBSERVER_KEY = "activation_post_process_"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (``/proc/cpuinfo``; empty where that file does not exist)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
     """Whether bf16 arithmetic is native here (AVX-512 BF16 or AMX). Without it oneDNN emulates
     bf16: a 361x728x728 bf16 product ran at 1 GMAC/s on an AVX2 CPU against 76 in fp32."""
@@ -194,6 +185,162 @@ def observer_state(prepared: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in prepared.state_dict().items() if k.startswith(_OBSERVER_KEY)}
 
 
+class Int8Depthwise(nn.Module):
+    """A converted quantized depthwise conv run by our kernel (``torch.ops.xception.dw_conv_int8``,
+    :mod:`.kernels.cpu`): same weights, bias and output quantization; ``relu_in`` applies the
+    ReLU that fed it (removed from the graph) as the input is read."""
+
+    def __init__(self, conv: nn.Module, *, relu_in: bool = False) -> None:
+        super().__init__()
+        import torch.ao.nn.intrinsic.quantized as nniq
+
+        weight = conv.weight()  # (C, 1, KH, KW) qint8, per-channel scales
+        q = weight.int_repr()
+        self.register_buffer("packed", torch.ops.xception.dw_pack_int8(q))
+        self.register_buffer("weight_sum", q.sum(dim=(1, 2, 3), dtype=torch.int32))
+        scales = (weight.q_per_channel_scales() if weight.qscheme() in _PER_CHANNEL
+                  else torch.full((q.shape[0],), weight.q_scale()))
+        self.register_buffer("weight_scale", scales.float())
+        bias = conv.bias()
+        self.register_buffer("bias", bias.detach().float() if bias is not None else torch.zeros(q.shape[0]))
+        self.kernel_size, self.stride = list(conv.kernel_size), list(conv.stride)
+        self.padding, self.dilation = list(conv.padding), list(conv.dilation)
+        self.scale, self.zero_point = float(conv.scale), int(conv.zero_point)
+        self.relu_in, self.relu_out = relu_in, isinstance(conv, nniq.ConvReLU2d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.xception.dw_conv_int8(
+            x, self.packed, self.weight_sum, self.weight_scale, self.bias, self.kernel_size, self.stride,
+            self.padding, self.dilation, self.scale, self.zero_point, self.relu_in, self.relu_out)
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight_sum.numel()}, kernel_size={tuple(self.kernel_size)}, stride={tuple(self.stride)}, "
+                f"relu_in={self.relu_in}, relu_out={self.relu_out}")
+
+
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
+
+
+class Int8Pointwise(nn.Module):
+    """A converted quantized 1x1 conv (any stride) run by our GEMM kernel
+    (``torch.ops.xception.pw_conv_int8``, :mod:`.kernels.cpu`): its weights rounded to 7 bits per
+    output channel (``[-63, 63]``, what lets the kernel sum two products in int16; see
+    ``kernels/cpu/int8.cpp``), the same bias and output quantization. For 7-bit activations only."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        import torch.ao.nn.intrinsic.quantized as nniq
+
+        weight = conv.weight().dequantize().double()  # (N, K, 1, 1)
+        scale = weight.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / 63
+        q = torch.round(weight / scale[:, None, None, None]).clamp(-63, 63).to(torch.int8)
+        self.register_buffer("packed", torch.ops.xception.pw_pack_int8(q))
+        self.register_buffer("weight_sum", q.sum(dim=(1, 2, 3), dtype=torch.int32))
+        self.register_buffer("weight_scale", scale.float())
+        bias = conv.bias()
+        self.register_buffer("bias", bias.detach().float() if bias is not None else torch.zeros(q.shape[0]))
+        self.in_channels, self.out_channels, self.stride = conv.in_channels, conv.out_channels, list(conv.stride)
+        self.scale, self.zero_point = float(conv.scale), int(conv.zero_point)
+        self.relu_out = isinstance(conv, nniq.ConvReLU2d)
+
+    def weight_int7(self) -> torch.Tensor:
+        """The weights this conv multiplies by, as a per-channel qint8 tensor (values in [-63, 63])."""
+        n, k = self.out_channels, self.in_channels
+        packed = self.packed.view(-1, k // 4, 16, 4)  # (column blocks, K/4, 16, 4), columns in kernel order
+        order = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
+        cols = torch.empty_like(packed)
+        cols[:, :, order] = packed
+        w = cols.permute(0, 2, 1, 3).reshape(-1, k)[:n]
+        return torch._make_per_channel_quantized_tensor(w.reshape(n, k, 1, 1), self.weight_scale.double(),
+                                                        torch.zeros(n, dtype=torch.long), 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.xception.pw_conv_int8(x, self.packed, self.weight_sum, self.weight_scale, self.bias,
+                                               self.out_channels, self.stride, self.scale, self.zero_point,
+                                               self.relu_out)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={tuple(self.stride)}, relu_out={self.relu_out}"
+
+
+def _is_pointwise_int8(m: nn.Module) -> bool:
+    """A converted quantized 1x1 conv our GEMM kernel computes: groups 1, no padding, input
+    channels a multiple of 8."""
+    import torch.ao.nn.quantized as nnq
+
+    return (isinstance(m, nnq.Conv2d) and tuple(m.kernel_size) == (1, 1) and m.groups == 1
+            and tuple(m.padding) == (0, 0) and m.in_channels % 8 == 0 and m.weight().dtype == torch.qint8)
+
+
+def _is_depthwise_int8(m: nn.Module) -> bool:
+    """A converted quantized conv our depthwise kernel computes exactly: one filter per channel,
+    zero padding, int8 weights with zero points 0."""
+    import torch.ao.nn.quantized as nnq
+
+    if not isinstance(m, nnq.Conv2d) or not (m.groups == m.in_channels == m.out_channels > 1):
+        return False
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        return False
+    w = m.weight()
+    if w.dtype != torch.qint8:
+        return False
+    zero_points = w.q_per_channel_zero_points() if w.qscheme() in _PER_CHANNEL else torch.tensor([w.q_zero_point()])
+    return bool((zero_points == 0).all())
+
+
+def _is_relu(node, modules: dict[str, nn.Module]) -> bool:
+    import torch.nn.functional as F
+
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (torch.relu, F.relu) and not node.kwargs.get("inplace", False)
+    return node.op == "call_method" and node.target == "relu"
+
+
+def with_cpu_kernels(quantized: nn.Module, *, pointwise: bool | None = None) -> tuple[nn.Module, int] | None:
+    """A copy of a converted int8 graph with its depthwise convs run by our kernel, the ReLU feeding
+    each of them folded in, and (``pointwise``; default: where activations are 7-bit, see
+    :func:`activation_qconfig`) its 1x1 convs run by our GEMM; ``(graph, convs replaced)``, or None
+    where the kernels are unavailable (:func:`.kernels.cpu.load` says why). The input graph is
+    left as it is."""
+    import copy
+
+    if not cpu_kernels.load():
+        return None
+    if pointwise is None:
+        pointwise = activation_qconfig() == "x86"
+    graph = copy.deepcopy(quantized)
+    modules = dict(graph.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    replaced = 0
+    for node in list(graph.graph.nodes):
+        if node.op != "call_module" or calls[node.target] != 1:
+            continue
+        parent, _, attr = node.target.rpartition(".")
+        if pointwise and _is_pointwise_int8(modules[node.target]):
+            setattr(graph.get_submodule(parent) if parent else graph, attr, Int8Pointwise(modules[node.target]))
+            replaced += 1
+            continue
+        if not _is_depthwise_int8(modules[node.target]):
+            continue
+        source = node.args[0]
+        relu_in = (hasattr(source, "op") and len(source.users) == 1 and _is_relu(source, modules)
+                   and len(source.args) == 1 and (not getattr(modules.get(source.target), "inplace", False)
+                                                  or len(source.args[0].users) == 1))
+        if relu_in:  # the ReLU is applied as the kernel reads its input
+            node.args = (source.args[0], *node.args[1:])
+            graph.graph.erase_node(source)
+        setattr(graph.get_submodule(parent) if parent else graph, attr, Int8Depthwise(modules[node.target], relu_in=relu_in))
+        replaced += 1
+    graph.graph.lint()
+    graph.recompile()
+    return graph, replaced
+
+
 class StaticInt8(nn.Module):
     """A model run by PyTorch's quantized CPU kernels: int8 weights (per output channel) and int8
     activations (per tensor, ranges from calibration) through every conv, batch norms fused,
@@ -201,7 +348,9 @@ class StaticInt8(nn.Module):
 
     ``float_model`` is the fp32 model it was made from (Grad-CAM and export use it). The quantized
     graph is kept out of the module tree, so ``.to()`` never touches its packed weights; it runs on
-    the CPU only.
+    the CPU only. Where our CPU kernels can run (:mod:`.kernels.cpu`), the depthwise convs run on
+    them (``kernels = False`` keeps PyTorch's for all); :meth:`traceable` with ``portable=True``
+    gives the graph with PyTorch's ops only, which is what an exported file holds.
     """
 
     def __init__(self, float_model: nn.Module, state: dict[str, torch.Tensor], info: dict) -> None:
@@ -227,13 +376,31 @@ class StaticInt8(nn.Module):
             if hasattr(float_model, name):
                 object.__setattr__(self, name, getattr(float_model, name))
 
+    # Run the depthwise convs on our kernels where they can run (see the class docstring).
+    kernels = True
+
+    def graph(self) -> nn.Module:
+        """The quantized feature graph this model runs: with our kernels where they are in use."""
+        if not self.kernels:
+            return self._quantized
+        if "_fast" not in self.__dict__:
+            built = with_cpu_kernels(self._quantized)
+            self.__dict__["_fast"] = built[0] if built else None
+            if built:
+                log.debug("%d convs on our int8 kernels", built[1])
+        return self.__dict__["_fast"] or self._quantized
+
+    @property
+    def uses_cpu_kernels(self) -> bool:
+        return self.graph() is not self._quantized
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise ValueError(f"the int8 model runs on the CPU, got an input on {x.device}")
         x = x.float().contiguous()
         with torch.no_grad(), quantized_engine(STATIC_ENGINE):
             frozen = self._frozen(x) if self.frozen else None
-            return frozen(x) if frozen is not None else self.float_model.forward_head(self._quantized(x))
+            return frozen(x) if frozen is not None else self.float_model.forward_head(self.graph()(x))
 
     # Run through a traced, frozen TorchScript graph per input shape (the same ops without the
     # Python interpreter between them: 80 ms against 91 ms per 299 px image on the AVX2 machine,
@@ -245,7 +412,7 @@ class StaticInt8(nn.Module):
         import warnings
 
         cache = self.__dict__.setdefault("_frozen_graphs", {})
-        key = tuple(x.shape)
+        key = (tuple(x.shape), self.kernels)
         if key not in cache:
             try:
                 with warnings.catch_warnings():
@@ -262,11 +429,13 @@ class StaticInt8(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"engine={STATIC_ENGINE!r}, activations={'8' if activation_qconfig() == 'onednn' else '7'}-bit, "
-                f"calibration={self.info.get('images')} images")
+                f"calibration={self.info.get('images')} images, conv kernels="
+                f"{'ours' if self.uses_cpu_kernels else STATIC_ENGINE}")
 
-    def traceable(self) -> nn.Module:
-        """The same function as a plain module (quantized features, fp32 head) for ``torch.jit.trace``."""
-        return _Traceable(self._quantized, self.float_model)
+    def traceable(self, *, portable: bool = False) -> nn.Module:
+        """The same function as a plain module (quantized features, fp32 head) for ``torch.jit.trace``;
+        ``portable``: PyTorch's quantized ops only (no op of ours), for a file that loads anywhere."""
+        return _Traceable(self._quantized if portable else self.graph(), self.float_model)
 
 
 class _Traceable(nn.Module):
