@@ -4,8 +4,10 @@
 
 Times the middle flow's 1x1 convolution (361 pixels x 728 -> 728 channels, 191 MMAC) as
 fp32 and bf16 matrix products (``torch.matmul``, oneDNN), an int8 x int8 -> int32 product
-(``torch._int_mm``, the dynamic int8 path's kernel), and the quantized 1x1 conv our static int8
-path runs (oneDNN-packed, 7-bit activations where the CPU has no VNNI); median of 5 rounds.
+(``torch._int_mm``, the dynamic int8 path's kernel), the quantized 1x1 conv of PyTorch's oneDNN
+backend (7-bit activations where the CPU has no VNNI), and our own int8 1x1 conv kernel
+(``torch.ops.xception.pw_conv_int8``, 7-bit weights: what the static int8 path runs where the
+kernels build); median of 5 rounds.
 With ``--bench``, each row of an ``xception bench --json`` report is turned into GMAC/s over the
 whole network (8.39 GMAC per 299 px image) and a fraction of the best measured kernel rate.
 """
@@ -69,6 +71,12 @@ def main() -> int:
         quant_max = 127 if activation_qconfig() == "x86" else 255
         xq = torch.quantize_per_tensor(x.clamp(min=0), 4.0 / quant_max, 0, torch.quint8)
         rates[f"int8 quantized 1x1 conv ({STATIC_ENGINE})"] = macs / median_seconds(lambda: conv(xq), 20) / 1e9
+        from xception.inference.kernels import cpu as cpu_kernels
+        from xception.inference.quantize import Int8Pointwise
+
+        if cpu_kernels.load():
+            ours = Int8Pointwise(conv)
+            rates["int8 1x1 conv, ours (7-bit weights)"] = macs / median_seconds(lambda: ours(xq), 20) / 1e9
     flags = cpu_flags()
     report = {"threads": args.threads, "shape": [M, K, N], "gmac_per_s": rates,
               "native_bf16": cpu_has_native_bf16(flags), "int8_dot": cpu_has_int8_dot(flags),

@@ -1,6 +1,7 @@
 """Int8 accuracy on real data: top-1 on the 360 held-out digits of the demo's model, in fp32 and in
 int8 for us and for each int8 peer (ONNX Runtime static QDQ, OpenVINO + NNCF), all calibrated on
-the same training images.
+the same training images. Each path's logits are also compared with our fp32 logits (relative L2
+error over the 360 images), and the misclassified images are listed by index.
 
     xception demo --out demo_out                      # trains the digits model (demo_out/run/best.pt)
     PYTHONPATH=src python benchmarks/int8_accuracy.py demo_out/run/best.pt --images 128 \
@@ -26,7 +27,7 @@ from xception.inference.classify import load_model  # noqa: E402
 from xception.inference.optimize import optimize  # noqa: E402
 from xception.inference.peers import openvino_candidates, ort_candidates  # noqa: E402
 from xception.inference.calibrate import calibration_set  # noqa: E402
-from xception.inference.quantize import calibrate_static  # noqa: E402
+from xception.inference.quantize import StaticInt8, calibrate_static  # noqa: E402
 from xception.training.data import DigitsDataset  # noqa: E402
 
 
@@ -49,7 +50,12 @@ def main() -> int:
     start = time.perf_counter()
     ours = calibrate_static(model, calib, info={"calibration_data": "digits train split"})
     runners["ours int8 (static)"] = ours
-    print(f"ours int8 calibrated in {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"ours int8 calibrated in {time.perf_counter() - start:.1f} s; our kernels: {ours.uses_cpu_kernels}",
+          flush=True)
+    if ours.uses_cpu_kernels:  # the same calibration on PyTorch's quantized kernels (8-bit 1x1 weights)
+        theirs = StaticInt8(model, ours.state, ours.info)
+        theirs.kernels = False
+        runners["ours int8 (static, PyTorch's kernels)"] = theirs
     runners["ours int8-dynamic (no calibration)"] = optimize(model, dtype="int8", mode="eager")
     dev = torch.device("cpu")
     for peer, candidates in (("onnxruntime", ort_candidates), ("openvino", openvino_candidates)):
@@ -61,16 +67,21 @@ def main() -> int:
                     runners[f"{peer} {label}"] = e
 
     results = {}
+    reference = None  # our fp32 logits: every other path's relative L2 error is against them
     for name, run in runners.items():
         if isinstance(run, Exception):
             results[name] = {"error": f"{type(run).__name__}: {run}"}
             continue
-        correct = 0
         with torch.no_grad():
-            for x, y in val:
-                correct += int(run(x[None]).argmax(1).item() == y)
-        results[name] = {"top1": 100.0 * correct / len(val), "correct": correct}
-        print(f"{name:<50} top-1 {results[name]['top1']:.2f}% ({correct}/{len(val)})", flush=True)
+            logits = torch.cat([run(x[None]).float() for x, _ in val])
+        labels = torch.tensor([y for _, y in val])
+        reference = logits if reference is None else reference
+        correct = int((logits.argmax(1) == labels).sum())
+        wrong = (logits.argmax(1) != labels).nonzero().flatten().tolist()
+        results[name] = {"top1": 100.0 * correct / len(val), "correct": correct, "wrong_images": wrong,
+                         "logits_rel_error": float((logits - reference).norm() / reference.norm())}
+        print(f"{name:<50} top-1 {results[name]['top1']:.2f}% ({correct}/{len(val)}), logits off fp32 by "
+              f"{results[name]['logits_rel_error']:.2e}, wrong: {wrong}", flush=True)
     report = {"weights": args.weights, "held_out_images": len(val), "calibration_images": len(calib),
               "calibration": "seeded draw (seed 0) from the digits training split, eval preprocessing",
               "image_size": pre.image_size, "torch": torch.__version__, "results": results}

@@ -29,7 +29,8 @@ What it does, in order:
 * with ``calibration`` (batches of preprocessed images), or for a model loaded from a file
   ``xception quantize`` wrote (its recorded calibration): **static int8**, every conv in int8 with
   per-channel weight scales and activation ranges calibrated on those images, activations int8
-  between layers, run by PyTorch's quantized CPU kernels; fast on AVX2 and on VNNI / AMX CPUs.
+  between layers, run by our int8 CPU kernels where they build (:mod:`.kernels.cpu`) and by
+  PyTorch's quantized CPU kernels otherwise; fast on AVX2 and on VNNI / AMX CPUs.
   ``mode`` does not apply (the result's mode is ``"static"``).
 * without: the **dynamic** form, no data needed: the 1x1 convolutions as int8 x int8 -> int32
   products with per-pixel activation scales computed on every call, everything else in bf16
