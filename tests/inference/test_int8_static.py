@@ -148,8 +148,12 @@ def test_quantize_cli_then_predict_eval_bench_export(weights_file, tmp_path, cap
     assert 0 <= result["top1"] <= 100
     assert main(["bench", "--weights", str(out), "--dtype", "int8", "--compare", "", "--repeats", "1",
                  "--min-round-s", "0", "--warmup", "0", "--json"]) == 0
-    (row,) = json.loads(capsys.readouterr().out)["results"]
+    report = json.loads(capsys.readouterr().out)
+    (row,) = report["results"]
     assert row["mode"] == "static-int8-file" and row["parity_ok"], row
+    from xception.inference.kernels import cpu
+
+    assert report["int8_kernels"] == ("ours" if cpu.load() else f"pytorch ({cpu.unavailable_reason()})")
     assert main(["export", "--weights", str(out), "--format", "torchscript", str(tmp_path / "q.pt")]) == 0
     assert "vs PyTorch int8" in capsys.readouterr().out
     x = torch.randn(2, 3, 32, 32)

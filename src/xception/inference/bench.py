@@ -34,6 +34,7 @@ from ..weights import load_pretrained
 from .optimize import optimize
 from .parity import TOLERANCE, relative_error
 from .peers import PEER_CANDIDATES
+from .kernels import cpu as cpu_kernels
 from .quantize import cpu_flags, cpu_has_int8_dot, cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
@@ -303,6 +304,9 @@ def run_bench(
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "repeats": repeats,
         "calibration_images": calibration,
+        # what ran our static int8 rows: our CPU kernels, or PyTorch's quantized kernels (and why)
+        "int8_kernels": (None if not any(r.impl == "ours" and r.mode.startswith("static-int8") for r in results)
+                         else "ours" if cpu_kernels.load() else f"pytorch ({cpu_kernels.unavailable_reason()})"),
         "results": [asdict(r) for r in results],
         "best_ours": best_ours,
         "best_peer": best_peer,

@@ -1,8 +1,9 @@
-"""Int8 pointwise convolutions: the CPU path past the bf16 arithmetic ceiling.
+"""Int8 on the CPU, in two forms.
 
+**Dynamic** (no calibration data; fast where the CPU has int8 dot products, VNNI / AMX).
 Xception's 1x1 convolutions hold about 7.8 of its 8.4 GMACs. On a CPU with AVX-512 VNNI an
-int8 x int8 -> int32 matrix product runs about twice as fast as the same product in bf16 (this
-project's 2-core EPYC: ~410 vs ~200 GMAC/s at the middle flow's 361x728x728), so
+int8 x int8 -> int32 matrix product runs about twice as fast as the same product in bf16 (the
+project's earlier 2-core EPYC: ~410 vs ~200 GMAC/s at the middle flow's 361x728x728), so
 :func:`quantize_pointwise` swaps those convs for :class:`Int8PointwiseConv`:
 
 * weights: symmetric int8 per output channel (scale = max |w| / 127), computed once;
@@ -14,6 +15,11 @@ Everything else (stem, depthwise convs, pools, head) stays in the model's floati
 ``torch.compile`` the per-pixel quantization and the rescale fuse with the neighbouring ReLU,
 residual add and dtype casts. Convs with few input channels stay in floating point: their
 products are cheap and the int32 output would cost more memory traffic than the int8 saves.
+
+**Static** (:func:`calibrate_static`, :class:`StaticInt8`): every conv in int8 with activation
+ranges calibrated on images (FX graph-mode quantization), activations int8 between layers. Its
+depthwise and 1x1 convs run on our own AVX2 kernels where they build (:func:`with_cpu_kernels`,
+:mod:`.kernels.cpu`), the rest on PyTorch's quantized kernels (oneDNN).
 """
 
 from __future__ import annotations
