@@ -164,9 +164,9 @@ def test_int8_graph_runs_every_depthwise_conv_on_our_kernel(kernels, one_thread)
     # one-step rounding differences carried through the net, and the 7-bit pointwise weights
     assert relative_error(ours_out, theirs) <= 2e-2
     assert relative_error(ours_out, ref) <= TOLERANCE["int8"]
+    portable = torch.jit.trace(q.traceable(), x, check_trace=False).inlined_graph  # kernels = False
     q.kernels = True
     ours_graph = torch.jit.trace(q.traceable(), x, check_trace=False).inlined_graph
-    portable = torch.jit.trace(q.traceable(portable=True), x, check_trace=False).inlined_graph
     assert "xception::dw_conv_int8" in str(ours_graph) and "xception::" not in str(portable)
 
 

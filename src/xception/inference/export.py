@@ -119,9 +119,9 @@ def export_model(
         if fmt != "torchscript":
             raise ValueError(f"int8 weights export as TorchScript only (--format torchscript), not {fmt}; for "
                              f"{fmt}, export their fp32 weights (`xception convert` writes them without the int8)")
-        model = int8_model(model)  # checked against the int8 model itself, on PyTorch's kernels as the file is
-        model.kernels = False
-        exported = model.traceable(portable=True)
+        model = int8_model(model)  # checked against the int8 model itself
+        model.kernels = False  # PyTorch's quantized ops only: the file loads without this package
+        exported = model.traceable()
         # TorchScript repacks int8 weights for the quantized engine active when it loads them: the
         # check loads them for the engine our int8 model runs (another engine rounds a little
         # differently, ~1e-3 relative)

@@ -225,6 +225,8 @@ class Int8Depthwise(nn.Module):
 
 
 _PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
+# Where pw_pack_int8 puts a 16-column block's columns (kColOrder in kernels/cpu/int8.cpp).
+_PW_COLUMN_ORDER = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
 
 
 def round_to_7bit(weight: torch.Tensor, candidates: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,9 +273,8 @@ class Int8Pointwise(nn.Module):
         """The weights this conv multiplies by, as a per-channel qint8 tensor (values in [-63, 63])."""
         n, k = self.out_channels, self.in_channels
         packed = self.packed.view(-1, k // 4, 16, 4)  # (column blocks, K/4, 16, 4), columns in kernel order
-        order = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
         cols = torch.empty_like(packed)
-        cols[:, :, order] = packed
+        cols[:, :, _PW_COLUMN_ORDER] = packed
         w = cols.permute(0, 2, 1, 3).reshape(-1, k)[:n]
         return torch._make_per_channel_quantized_tensor(w.reshape(n, k, 1, 1), self.weight_scale.double(),
                                                         torch.zeros(n, dtype=torch.long), 0)
@@ -372,9 +373,9 @@ class StaticInt8(nn.Module):
 
     ``float_model`` is the fp32 model it was made from (Grad-CAM and export use it). The quantized
     graph is kept out of the module tree, so ``.to()`` never touches its packed weights; it runs on
-    the CPU only. Where our CPU kernels can run (:mod:`.kernels.cpu`), the depthwise convs run on
-    them (``kernels = False`` keeps PyTorch's for all); :meth:`traceable` with ``portable=True``
-    gives the graph with PyTorch's ops only, which is what an exported file holds.
+    the CPU only. Where our CPU kernels can run (:mod:`.kernels.cpu`), the depthwise and (with
+    7-bit activations) 1x1 convs run on them; ``kernels = False`` keeps PyTorch's quantized ops
+    for all, which is what an exported file holds (it then loads without this package).
     """
 
     def __init__(self, float_model: nn.Module, state: dict[str, torch.Tensor], info: dict) -> None:
@@ -400,7 +401,7 @@ class StaticInt8(nn.Module):
             if hasattr(float_model, name):
                 object.__setattr__(self, name, getattr(float_model, name))
 
-    # Run the depthwise convs on our kernels where they can run (see the class docstring).
+    # Run the depthwise and 1x1 convs on our kernels where they can run (see the class docstring).
     kernels = True
 
     def graph(self) -> nn.Module:
@@ -454,12 +455,12 @@ class StaticInt8(nn.Module):
     def extra_repr(self) -> str:
         return (f"engine={STATIC_ENGINE!r}, activations={'8' if activation_qconfig() == 'onednn' else '7'}-bit, "
                 f"calibration={self.info.get('images')} images, conv kernels="
-                f"{'ours' if self.uses_cpu_kernels else STATIC_ENGINE}")
+                f"{'ours' if self.__dict__.get('_fast') is not None else STATIC_ENGINE}")  # no build here
 
-    def traceable(self, *, portable: bool = False) -> nn.Module:
-        """The same function as a plain module (quantized features, fp32 head) for ``torch.jit.trace``;
-        ``portable``: PyTorch's quantized ops only (no op of ours), for a file that loads anywhere."""
-        return _Traceable(self._quantized if portable else self.graph(), self.float_model)
+    def traceable(self) -> nn.Module:
+        """The same function as a plain module (quantized features, fp32 head) for ``torch.jit.trace``:
+        the graph :meth:`graph` runs (PyTorch's ops only with ``kernels = False``)."""
+        return _Traceable(self.graph(), self.float_model)
 
 
 class _Traceable(nn.Module):

@@ -58,6 +58,38 @@ struct Layout {
   int64_t numel() const { return blocks * block_size() + halves * half_size() + taps * rest; }
 };
 
+// What both ops share: the input check, and the per-channel requantization
+// q = round(acc * mult[c] + offset[c]) with mult = s_x * s_w / s_y and
+// offset = bias / s_y - mult * zp_x * sum(w) + zp_y (the input zero point's share of the sum).
+void check_input(const char* op, const at::Tensor& x, int64_t out_zero_point) {
+  TORCH_CHECK(x.is_quantized() && x.scalar_type() == at::kQUInt8 && x.qscheme() == at::kPerTensorAffine &&
+                  x.dim() == 4,
+              op, ": expected a per-tensor quint8 (N, C, H, W) input");
+  TORCH_CHECK(out_zero_point >= 0 && out_zero_point <= 255, op, ": output zero point out of range");
+}
+
+struct Requant {
+  std::vector<float> mult, offset;  // per output channel, in channel order
+  Requant(const char* op, const at::Tensor& x, int64_t channels, const at::Tensor& weight_sum,
+          const at::Tensor& weight_scale, const at::Tensor& bias, double out_scale, int64_t out_zero_point)
+      : mult(channels), offset(channels) {
+    TORCH_CHECK(weight_sum.numel() == channels && weight_scale.numel() == channels && bias.numel() == channels,
+                op, ": per-channel tensors must have ", channels, " values");
+    const at::Tensor sums = weight_sum.to(at::kInt).contiguous();
+    const at::Tensor scales = weight_scale.to(at::kFloat).contiguous();
+    const at::Tensor biases = bias.to(at::kFloat).contiguous();
+    const float* sp = scales.data_ptr<float>();
+    const float* bp = biases.data_ptr<float>();
+    const int32_t* ws = sums.data_ptr<int32_t>();
+    const float in_scale = static_cast<float>(x.q_scale()), inv_out = static_cast<float>(1.0 / out_scale);
+    const float zp = static_cast<float>(x.q_zero_point());
+    for (int64_t c = 0; c < channels; ++c) {
+      mult[c] = in_scale * sp[c] * inv_out;
+      offset[c] = bp[c] * inv_out - mult[c] * zp * static_cast<float>(ws[c]) + static_cast<float>(out_zero_point);
+    }
+  }
+};
+
 // (C, 1, KH, KW) int8 -> int16: per 16-channel block and tap pair, 32 values [w_t, w_t+1] in the
 // accumulator order; then the 8-channel block the same way in SSE order; then (taps, rest) plain.
 at::Tensor dw_pack_int8(const at::Tensor& weight) {
@@ -165,12 +197,9 @@ at::Tensor dw_conv_int8(const at::Tensor& x, const at::Tensor& packed, const at:
                         const at::Tensor& weight_scale, const at::Tensor& bias, at::IntArrayRef kernel,
                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, double out_scale,
                         int64_t out_zero_point, bool relu_in, bool relu_out) {
-  TORCH_CHECK(x.is_quantized() && x.scalar_type() == at::kQUInt8 && x.qscheme() == at::kPerTensorAffine &&
-                  x.dim() == 4,
-              "dw_conv_int8: expected a per-tensor quint8 (N, C, H, W) input");
+  check_input("dw_conv_int8", x, out_zero_point);
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "dw_conv_int8: kernel, stride, padding and dilation take two values each");
-  TORCH_CHECK(out_zero_point >= 0 && out_zero_point <= 255, "dw_conv_int8: output zero point out of range");
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3);
   const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1];
@@ -180,46 +209,32 @@ at::Tensor dw_conv_int8(const at::Tensor& x, const at::Tensor& packed, const at:
   const Layout L(kh * kw, C);
   TORCH_CHECK(packed.scalar_type() == at::kShort && packed.numel() == L.numel(),
               "dw_conv_int8: packed weights do not fit a ", C, "-channel ", kh, "x", kw, " depthwise conv");
-  TORCH_CHECK(weight_sum.numel() == C && weight_scale.numel() == C && bias.numel() == C,
-              "dw_conv_int8: per-channel tensors must have ", C, " values");
-  const at::Tensor sums = weight_sum.to(at::kInt).contiguous();
-  const at::Tensor scales = weight_scale.to(at::kFloat).contiguous();
-  const at::Tensor biases = bias.to(at::kFloat).contiguous();
+  const Requant R("dw_conv_int8", xc, C, weight_sum, weight_scale, bias, out_scale, out_zero_point);
   at::Tensor y = at::_empty_affine_quantized({N, C, OH, OW}, at::device(at::kCPU).dtype(at::kQUInt8), out_scale,
                                              out_zero_point, at::MemoryFormat::ChannelsLast);
   const uint8_t* xp = reinterpret_cast<const uint8_t*>(xc.data_ptr<c10::quint8>());
   uint8_t* yp = reinterpret_cast<uint8_t*>(y.data_ptr<c10::quint8>());
   const int16_t* wp = packed.data_ptr<int16_t>();
   const int xzp = static_cast<int>(xc.q_zero_point());
-  const float in_scale = static_cast<float>(xc.q_scale());
   const uint8_t lo = relu_out ? static_cast<uint8_t>(out_zero_point) : 0;
 
-  // q = round(acc * mult + offset), mult = s_x * s_w / s_y, offset = bias / s_y - mult * zp * sum(w) + zp_y
+  // multipliers and offsets in the kernel's accumulator order
   std::vector<float> mb(L.blocks * 32 + L.halves * 16 + 2 * L.rest);
-  const float* sp = scales.data_ptr<float>();
-  const float* bp = biases.data_ptr<float>();
-  const int32_t* wsum = sums.data_ptr<int32_t>();
-  const float inv_out = static_cast<float>(1.0 / out_scale);
-  auto mult = [&](int64_t c) { return in_scale * sp[c] * inv_out; };
-  auto offset = [&](int64_t c) {
-    return bp[c] * inv_out - mult(c) * static_cast<float>(xzp) * static_cast<float>(wsum[c]) +
-           static_cast<float>(out_zero_point);
-  };
   for (int64_t b = 0; b < L.blocks; ++b)
     for (int k = 0; k < 16; ++k) {
       const int64_t c = b * kBlock + kOrder16[k];
-      mb[b * 32 + k] = mult(c);
-      mb[b * 32 + 16 + k] = offset(c);
+      mb[b * 32 + k] = R.mult[c];
+      mb[b * 32 + 16 + k] = R.offset[c];
     }
   float* mh = mb.data() + L.blocks * 32;
   for (int64_t k = 0; k < kHalf * L.halves; ++k) {
-    mh[k] = mult(L.blocks * kBlock + k);
-    mh[8 + k] = offset(L.blocks * kBlock + k);
+    mh[k] = R.mult[L.blocks * kBlock + k];
+    mh[8 + k] = R.offset[L.blocks * kBlock + k];
   }
   float* mr = mh + L.halves * 16;
   for (int64_t c = 0; c < L.rest; ++c) {
-    mr[c] = mult(C - L.rest + c);
-    mr[L.rest + c] = offset(C - L.rest + c);
+    mr[c] = R.mult[C - L.rest + c];
+    mr[L.rest + c] = R.offset[C - L.rest + c];
   }
   const std::vector<uint8_t> pad_row(C + kBlock, static_cast<uint8_t>(xzp));
   const uint8_t* pad = pad_row.data();
@@ -329,11 +344,8 @@ inline void pw_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K, c
 at::Tensor pw_conv_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_sum,
                         const at::Tensor& weight_scale, const at::Tensor& bias, int64_t out_channels,
                         at::IntArrayRef stride, double out_scale, int64_t out_zero_point, bool relu_out) {
-  TORCH_CHECK(x.is_quantized() && x.scalar_type() == at::kQUInt8 && x.qscheme() == at::kPerTensorAffine &&
-                  x.dim() == 4,
-              "pw_conv_int8: expected a per-tensor quint8 (N, C, H, W) input");
+  check_input("pw_conv_int8", x, out_zero_point);
   TORCH_CHECK(stride.size() == 2, "pw_conv_int8: stride takes two values");
-  TORCH_CHECK(out_zero_point >= 0 && out_zero_point <= 255, "pw_conv_int8: output zero point out of range");
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t B = xc.size(0), K = xc.size(1), H = xc.size(2), W = xc.size(3), N = out_channels;
   const int64_t sh = stride[0], sw = stride[1];
@@ -341,31 +353,20 @@ at::Tensor pw_conv_int8(const at::Tensor& x, const at::Tensor& packed, const at:
   const int64_t nb = (N + kCols - 1) / kCols;
   TORCH_CHECK(K % 8 == 0 && packed.scalar_type() == at::kChar && packed.numel() == nb * K * 16,
               "pw_conv_int8: packed weights do not fit a ", K, " -> ", N, " channel 1x1 conv");
-  TORCH_CHECK(weight_sum.numel() == N && weight_scale.numel() == N && bias.numel() == N,
-              "pw_conv_int8: per-channel tensors must have ", N, " values");
-  const at::Tensor sums = weight_sum.to(at::kInt).contiguous();
-  const at::Tensor scales = weight_scale.to(at::kFloat).contiguous();
-  const at::Tensor biases = bias.to(at::kFloat).contiguous();
+  const Requant R("pw_conv_int8", xc, N, weight_sum, weight_scale, bias, out_scale, out_zero_point);
   at::Tensor y = at::_empty_affine_quantized({B, N, OH, OW}, at::device(at::kCPU).dtype(at::kQUInt8), out_scale,
                                              out_zero_point, at::MemoryFormat::ChannelsLast);
   const uint8_t* xp = reinterpret_cast<const uint8_t*>(xc.data_ptr<c10::quint8>());
   uint8_t* yp = reinterpret_cast<uint8_t*>(y.data_ptr<c10::quint8>());
   const int8_t* wp = packed.data_ptr<int8_t>();
-  const int xzp = static_cast<int>(xc.q_zero_point());
-  const float in_scale = static_cast<float>(xc.q_scale()), inv_out = static_cast<float>(1.0 / out_scale);
-  // q = round(acc * mult + offset): mult = s_x * s_w / s_y, offset = bias / s_y - mult * zp * sum(w) + zp_y
+  // multipliers and offsets in the tile's accumulator order; columns past N stay 0
   std::vector<float> mb(nb * 32, 0.f);
-  const float* sp = scales.data_ptr<float>();
-  const float* bp = biases.data_ptr<float>();
-  const int32_t* ws = sums.data_ptr<int32_t>();
   for (int64_t b = 0; b < nb; ++b)
     for (int j = 0; j < 16; ++j) {
       const int64_t n = b * kCols + kColOrder[j];
       if (n >= N) continue;
-      const float m = in_scale * sp[n] * inv_out;
-      mb[b * 32 + j] = m;
-      mb[b * 32 + 16 + j] = bp[n] * inv_out - m * static_cast<float>(xzp) * static_cast<float>(ws[n]) +
-                            static_cast<float>(out_zero_point);
+      mb[b * 32 + j] = R.mult[n];
+      mb[b * 32 + 16 + j] = R.offset[n];
     }
   const float* mbp = mb.data();
   const __m256i lo8 = _mm256_set1_epi8(static_cast<char>(relu_out ? out_zero_point : 0));
