@@ -100,10 +100,11 @@ def timm_candidates(model: nn.Module, device: torch.device, shape: tuple[int, ..
     return out
 
 
-def _onnx_file(model: nn.Module, shape: tuple[int, ...]) -> str:
+def _onnx_file(model: nn.Module, shape: tuple[int, ...], folder: str) -> str:
+    """Exports the timm twin of ``model`` into ``folder`` (a temporary one: the session keeps the graph)."""
     from .export import export_model
 
-    path = os.path.join(tempfile.mkdtemp(prefix="xception-bench-"), "peer.onnx")
+    path = os.path.join(folder, "peer.onnx")
     export_model(timm_model(model), "onnx", path, image_size=shape[-1], check=False, fold=False)
     return path
 
@@ -124,7 +125,8 @@ def ort_candidates(model: nn.Module, device: torch.device, shape: tuple[int, ...
 
     def build_fp32():
         start = time.perf_counter()
-        run = session(_onnx_file(model, shape))
+        with tempfile.TemporaryDirectory(prefix="xception-bench-") as folder:
+            run = session(_onnx_file(model, shape, folder))
         run(torch.randn(shape))
         return run, time.perf_counter() - start
 
@@ -133,22 +135,23 @@ def ort_candidates(model: nn.Module, device: torch.device, shape: tuple[int, ...
                                               quantize_static)
 
         start = time.perf_counter()
-        fp32 = _onnx_file(model, shape)
-        name = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+        with tempfile.TemporaryDirectory(prefix="xception-bench-") as folder:
+            fp32 = _onnx_file(model, shape, folder)
+            name = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"]).get_inputs()[0].name
 
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.items = iter([{name: x.float().numpy()} for x in calibration])
+            class Reader(CalibrationDataReader):
+                def __init__(self) -> None:
+                    self.items = iter([{name: x.float().numpy()} for x in calibration])
 
-            def get_next(self):
-                return next(self.items, None)
+                def get_next(self):
+                    return next(self.items, None)
 
-        prepared = fp32.replace(".onnx", ".prep.onnx")
-        quant_pre_process(fp32, prepared)
-        int8 = fp32.replace(".onnx", ".int8.onnx")
-        quantize_static(prepared, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        run = session(int8)
+            prepared = fp32.replace(".onnx", ".prep.onnx")
+            quant_pre_process(fp32, prepared)
+            int8 = fp32.replace(".onnx", ".int8.onnx")
+            quantize_static(prepared, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            run = session(int8)
         run(torch.randn(shape))
         return run, time.perf_counter() - start
 
