@@ -65,6 +65,28 @@ def test_depthwise_kernel_matches_pytorch(kernels, channels, kernel, stride, pad
             assert got.is_contiguous(memory_format=torch.channels_last)
 
 
+# 3x3, stride 1, dilation 1 runs the row kernel (16-channel blocks, input columns widened once
+# and reused) and the per-pixel one for the channels after the blocks: any size and padding
+@pytest.mark.parametrize("channels,size,padding", [
+    (56, (7, 9), 1),  # 3 blocks + an 8-channel block, Xception's padding
+    (45, (5, 6), (0, 2)),  # blocks, 8 channels and the scalar rest; no / wide padding
+    (16, (1, 1), 1),  # a single pixel: every column but the middle one is padding
+    (32, (4, 3), (1, 0)),  # three columns, no horizontal padding: the output is one pixel wide
+    (16, (3, 17), (2, 1)),
+])
+def test_depthwise_row_kernel_matches_pytorch(kernels, channels, size, padding):
+    gen = torch.Generator().manual_seed(channels)
+    with quantized_engine(STATIC_ENGINE):
+        conv = _depthwise(channels, (3, 3), 1, padding, 1, False, gen)
+        for relu_in in (False, True):
+            x = _input((2, channels, *size), 70, gen)
+            ref = conv(torch.relu(x) if relu_in else x)
+            got = Int8Depthwise(conv, relu_in=relu_in)(x)
+            assert got.shape == ref.shape
+            diff = (got.int_repr().int() - ref.int_repr().int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (relu_in, diff.max(), (diff > 0).float().mean())
+
+
 def test_depthwise_kernel_rejects_what_does_not_fit(kernels):
     gen = torch.Generator().manual_seed(0)
     with quantized_engine(STATIC_ENGINE):

@@ -58,6 +58,18 @@ struct Layout {
   int64_t numel() const { return blocks * block_size() + halves * half_size() + taps * rest; }
 };
 
+// The order in which taps are paired. For 3x3 kernels the first two rows pair vertically, column
+// by column, and the last row pairs left to right: (0,0)+(1,0), (0,1)+(1,1), (0,2)+(1,2),
+// (2,0)+(2,1), (2,2) alone. A pair of vertical taps is then the same input values for three
+// neighbouring output pixels, so the stride-1 row kernel widens each input column once and reuses
+// it (dw_row3x3). Other kernels pair in raster order.
+std::vector<int64_t> tap_order(int64_t kh, int64_t kw) {
+  if (kh == 3 && kw == 3) return {0, 3, 1, 4, 2, 5, 6, 7, 8};
+  std::vector<int64_t> order(kh * kw);
+  for (int64_t t = 0; t < kh * kw; ++t) order[t] = t;
+  return order;
+}
+
 // What both ops share: the input check, and the per-channel requantization
 // q = round(acc * mult[c] + offset[c]) with mult = s_x * s_w / s_y and
 // offset = bias / s_y - mult * zp_x * sum(w) + zp_y (the input zero point's share of the sum).
@@ -90,12 +102,17 @@ struct Requant {
   }
 };
 
-// (C, 1, KH, KW) int8 -> int16: per 16-channel block and tap pair, 32 values [w_t, w_t+1] in the
-// accumulator order; then the 8-channel block the same way in SSE order; then (taps, rest) plain.
+// (C, 1, KH, KW) int8 -> int16, taps in tap_order: per 16-channel block and tap pair, 32 values
+// [w_t, w_t+1] in the accumulator order; then the 8-channel block the same way in SSE order; then (taps, rest) plain.
 at::Tensor dw_pack_int8(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1 && weight.scalar_type() == at::kChar,
               "dw_pack_int8: expected int8 weights of shape (C, 1, KH, KW), got ", weight.sizes());
-  const at::Tensor w = weight.to(at::kShort).reshape({weight.size(0), -1}).t().contiguous();  // (T, C)
+  const std::vector<int64_t> order = tap_order(weight.size(2), weight.size(3));
+  const at::Tensor w = weight.to(at::kShort)
+                           .reshape({weight.size(0), -1})
+                           .index_select(1, at::tensor(order, at::kLong))
+                           .t()
+                           .contiguous();  // (T, C), taps in pairing order
   const int64_t T = w.size(0), C = w.size(1);
   const Layout L(T, C);
   at::Tensor out = at::zeros({L.numel()}, at::kShort);
@@ -138,15 +155,15 @@ inline __m128i load8(const uint8_t* p, __m128i zp) {
   return _mm_cvtepu8_epi16(v);
 }
 
-// One output pixel. taps: 2 * pairs input pointers (padded taps and the odd one out point at a
+// One output pixel (its channels from block first_block on). taps: 2 * pairs input pointers, in tap_order (padded taps and the odd one out point at a
 // row of zero points); mb: per 16-channel block 32 floats (multipliers, then offsets, in
 // accumulator order), then 16 for the 8-channel block, then 2 * rest.
 template <int Pairs, bool ReluIn>
 inline void pixel(const uint8_t* const* taps, int64_t pairs_rt, const Layout& L, const int16_t* w, const float* mb,
-                  uint8_t* out, __m128i zp8, uint8_t zp, uint8_t lo) {
+                  uint8_t* out, __m128i zp8, uint8_t zp, uint8_t lo, int64_t first_block = 0) {
   const int64_t pairs = Pairs > 0 ? Pairs : pairs_rt;
   const __m256i lo8 = _mm256_set1_epi8(static_cast<char>(lo));
-  for (int64_t b = 0; b < L.blocks; ++b) {
+  for (int64_t b = first_block; b < L.blocks; ++b) {
     const int64_t c0 = b * kBlock;
     const __m256i* wv = reinterpret_cast<const __m256i*>(w + b * L.block_size());
     __m256i acc_a = _mm256_setzero_si256(), acc_b = _mm256_setzero_si256();
@@ -193,6 +210,67 @@ inline void pixel(const uint8_t* const* taps, int64_t pairs_rt, const Layout& L,
   }
 }
 
+// Requantizes two accumulators (16 channels in accumulator order) and stores 16 bytes.
+inline void requant16(__m256i acc_a, __m256i acc_b, const float* m, __m256i lo8, uint8_t* out) {
+  const __m256i qa = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_a), _mm256_loadu_ps(m), _mm256_loadu_ps(m + 16)));
+  const __m256i qb = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_b), _mm256_loadu_ps(m + 8), _mm256_loadu_ps(m + 24)));
+  const __m256i q16 = _mm256_packs_epi32(qa, qb);  // int16, channels 0-7 | 8-15
+  const __m256i q8 = _mm256_permute4x64_epi64(_mm256_packus_epi16(q16, q16), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(_mm256_max_epu8(q8, lo8)));
+}
+
+// One output row of a 3x3, stride-1, dilation-1 depthwise conv, the 16-channel blocks only. rows:
+// the three input rows (a row of zero points where the row is padding); pw: left padding (0 or 1).
+// Per block the row is walked left to right; each output pixel widens one new input column (three
+// bytes rows -> int16) and reuses the pairs of the two columns before it.
+template <bool ReluIn>
+void dw_row3x3(const uint8_t* const rows[3], int64_t W, int64_t OW, int64_t pw, int64_t C, const Layout& L,
+               const int16_t* w, const float* mb, uint8_t* out, __m128i zp8, uint8_t lo) {
+  const __m256i lo8 = _mm256_set1_epi8(static_cast<char>(lo));
+  const __m256i zp16 = _mm256_cvtepu8_epi16(zp8);
+  const uint8_t *r0 = rows[0], *r1 = rows[1], *r2 = rows[2];
+  const int64_t blocks = L.blocks, block_size = L.block_size();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t c0 = b * kBlock;
+    const __m256i* wv = reinterpret_cast<const __m256i*>(w + b * block_size);
+    const float* m = mb + b * 32;
+    auto column = [&](int64_t ic, __m256i& z0, __m256i& z1, __m256i& z2) {
+      if (ic < 0 || ic >= W) {
+        z0 = z1 = z2 = zp16;
+      } else {
+        z0 = load16<ReluIn>(r0 + ic * C + c0, zp8);
+        z1 = load16<ReluIn>(r1 + ic * C + c0, zp8);
+        z2 = load16<ReluIn>(r2 + ic * C + c0, zp8);
+      }
+    };
+    // columns a = ow - pw and a + 1 of the first pixel: vertical pairs, and row 2 widened
+    __m256i z0, z1, z2, a2, b2;
+    column(-pw, z0, z1, a2);
+    __m256i va_lo = _mm256_unpacklo_epi16(z0, z1), va_hi = _mm256_unpackhi_epi16(z0, z1);
+    column(1 - pw, z0, z1, b2);
+    __m256i vb_lo = _mm256_unpacklo_epi16(z0, z1), vb_hi = _mm256_unpackhi_epi16(z0, z1);
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      __m256i c2;
+      column(ow - pw + 2, z0, z1, c2);
+      const __m256i vc_lo = _mm256_unpacklo_epi16(z0, z1), vc_hi = _mm256_unpackhi_epi16(z0, z1);
+      __m256i acc_a = _mm256_madd_epi16(va_lo, _mm256_loadu_si256(wv + 0));
+      __m256i acc_b = _mm256_madd_epi16(va_hi, _mm256_loadu_si256(wv + 1));
+      acc_a = _mm256_add_epi32(acc_a, _mm256_madd_epi16(vb_lo, _mm256_loadu_si256(wv + 2)));
+      acc_b = _mm256_add_epi32(acc_b, _mm256_madd_epi16(vb_hi, _mm256_loadu_si256(wv + 3)));
+      acc_a = _mm256_add_epi32(acc_a, _mm256_madd_epi16(vc_lo, _mm256_loadu_si256(wv + 4)));
+      acc_b = _mm256_add_epi32(acc_b, _mm256_madd_epi16(vc_hi, _mm256_loadu_si256(wv + 5)));
+      acc_a = _mm256_add_epi32(acc_a, _mm256_madd_epi16(_mm256_unpacklo_epi16(a2, b2), _mm256_loadu_si256(wv + 6)));
+      acc_b = _mm256_add_epi32(acc_b, _mm256_madd_epi16(_mm256_unpackhi_epi16(a2, b2), _mm256_loadu_si256(wv + 7)));
+      // (2,2) pairs with a zero weight: any partner value will do
+      acc_a = _mm256_add_epi32(acc_a, _mm256_madd_epi16(_mm256_unpacklo_epi16(c2, c2), _mm256_loadu_si256(wv + 8)));
+      acc_b = _mm256_add_epi32(acc_b, _mm256_madd_epi16(_mm256_unpackhi_epi16(c2, c2), _mm256_loadu_si256(wv + 9)));
+      requant16(acc_a, acc_b, m, lo8, out + ow * C + c0);
+      va_lo = vb_lo, va_hi = vb_hi, vb_lo = vc_lo, vb_hi = vc_hi;
+      a2 = b2, b2 = c2;
+    }
+  }
+}
+
 at::Tensor dw_conv_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_sum,
                         const at::Tensor& weight_scale, const at::Tensor& bias, at::IntArrayRef kernel,
                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, double out_scale,
@@ -236,31 +314,44 @@ at::Tensor dw_conv_int8(const at::Tensor& x, const at::Tensor& packed, const at:
     mr[c] = R.mult[C - L.rest + c];
     mr[L.rest + c] = R.offset[C - L.rest + c];
   }
-  const std::vector<uint8_t> pad_row(C + kBlock, static_cast<uint8_t>(xzp));
+  // 3x3, stride 1, dilation 1 (all of Xception's depthwise convs): the row kernel for the 16-channel
+  // blocks, the per-pixel one for the channels after them. A padded row reads a row of zero points.
+  const bool rows3x3 = kh == 3 && kw == 3 && sh == 1 && sw == 1 && dh == 1 && dw == 1 && L.blocks > 0;
+  const std::vector<uint8_t> pad_row(std::max(C + kBlock, rows3x3 ? W * C : 0), static_cast<uint8_t>(xzp));
   const uint8_t* pad = pad_row.data();
   const float* mbp = mb.data();
   const __m128i zp8 = _mm_set1_epi8(static_cast<char>(xzp));
+  const uint8_t zp = static_cast<uint8_t>(xzp);
+  const std::vector<int64_t> order = tap_order(kh, kw);
 
   at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
     std::vector<const uint8_t*> taps(2 * L.pairs, pad);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / OH, oh = row % OH;
-      for (int64_t ow = 0; ow < OW; ++ow) {
-        for (int64_t i = 0; i < kh; ++i) {
-          const int64_t ih = oh * sh - ph + i * dh;
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t iw = ow * sw - pw + j * dw;
-            taps[i * kw + j] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? xp + ((n * H + ih) * W + iw) * C : pad;
-          }
+      uint8_t* out_row = yp + (n * OH + oh) * OW * C;
+      if (rows3x3) {
+        const uint8_t* rows[3];
+        for (int64_t i = 0; i < 3; ++i) {
+          const int64_t ih = oh - ph + i;
+          rows[i] = ih >= 0 && ih < H ? xp + (n * H + ih) * W * C : pad;
         }
-        uint8_t* out = yp + ((n * OH + oh) * OW + ow) * C;
-        const uint8_t zp = static_cast<uint8_t>(xzp);
-        if (L.pairs == 5)  // 3x3, Xception's depthwise kernel: fully unrolled
-          relu_in ? pixel<5, true>(taps.data(), 5, L, wp, mbp, out, zp8, zp, lo)
-                  : pixel<5, false>(taps.data(), 5, L, wp, mbp, out, zp8, zp, lo);
+        relu_in ? dw_row3x3<true>(rows, W, OW, pw, C, L, wp, mbp, out_row, zp8, lo)
+                : dw_row3x3<false>(rows, W, OW, pw, C, L, wp, mbp, out_row, zp8, lo);
+        if (!L.halves && !L.rest) continue;
+      }
+      const int64_t first_block = rows3x3 ? L.blocks : 0;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        for (int64_t k = 0; k < kh * kw; ++k) {
+          const int64_t ih = oh * sh - ph + order[k] / kw * dh, iw = ow * sw - pw + order[k] % kw * dw;
+          taps[k] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? xp + ((n * H + ih) * W + iw) * C : pad;
+        }
+        uint8_t* out = out_row + ow * C;
+        if (L.pairs == 5)  // 9 taps, Xception's 3x3: fully unrolled
+          relu_in ? pixel<5, true>(taps.data(), 5, L, wp, mbp, out, zp8, zp, lo, first_block)
+                  : pixel<5, false>(taps.data(), 5, L, wp, mbp, out, zp8, zp, lo, first_block);
         else
-          relu_in ? pixel<0, true>(taps.data(), L.pairs, L, wp, mbp, out, zp8, zp, lo)
-                  : pixel<0, false>(taps.data(), L.pairs, L, wp, mbp, out, zp8, zp, lo);
+          relu_in ? pixel<0, true>(taps.data(), L.pairs, L, wp, mbp, out, zp8, zp, lo, first_block)
+                  : pixel<0, false>(taps.data(), L.pairs, L, wp, mbp, out, zp8, zp, lo, first_block);
       }
     }
   });
