@@ -141,6 +141,26 @@ def test_pointwise_kernel_matches_pytorch_on_its_7bit_weights(kernels, k, n, str
         assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (diff.max(), (diff > 0).float().mean())
 
 
+# the residual add fused into the conv: other + conv, requantized as PyTorch's quantized add does it
+@pytest.mark.parametrize("k,n,stride,relu_out", [(64, 128, 1, False), (24, 40, 2, True), (16, 17, 1, False)])
+def test_pointwise_kernel_with_residual_add_matches_conv_then_add(kernels, k, n, stride, relu_out):
+    gen = torch.Generator().manual_seed(k * n)
+    with quantized_engine(STATIC_ENGINE):
+        pw = Int8Pointwise(_pointwise(k, n, stride, relu_out, gen))
+        x = torch.rand(2, k, 9, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+        x = torch.quantize_per_tensor(x, 1 / 127, 0, torch.quint8)
+        conv_out = pw(x)
+        other = _input(conv_out.shape, 90, gen)
+        ref = torch.ops.quantized.add(conv_out, other, 0.07, 33)
+        pw.add_scale, pw.add_zero_point = 0.07, 33
+        got = pw(x, other)
+        assert got.shape == ref.shape and got.q_scale() == 0.07 and got.q_zero_point() == 33
+        diff = (got.int_repr().int() - ref.int_repr().int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (diff.max(), (diff > 0).float().mean())
+        with pytest.raises(RuntimeError, match="the residual has shape"):
+            pw(x, other[:, :, :-1])
+
+
 def test_pointwise_kernel_rejects_what_does_not_fit(kernels):
     with pytest.raises(RuntimeError, match="multiple of 8"):
         torch.ops.xception.pw_pack_int8(torch.zeros(4, 12, 1, 1, dtype=torch.int8))
@@ -168,6 +188,10 @@ def test_int8_graph_runs_every_depthwise_conv_on_our_kernel(kernels, one_thread)
     fast, replaced = with_cpu_kernels(q._quantized, pointwise=True)
     assert replaced == 34 + len(pointwise) == 34 + 38  # 34 separable + 4 skip 1x1 convs
     assert sum(isinstance(m, Int8Pointwise) for m in fast.modules()) == 38
+    # the 12 residual adds (8 middle blocks, 4 with a skip conv) are folded into a 1x1 conv
+    assert sum(isinstance(m, Int8Pointwise) and m.add_scale is not None for m in fast.modules()) == 12
+    assert not [n for n in fast.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert [n for n in q._quantized.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
     seven_bit = activation_qconfig() == "x86"  # the default uses the pointwise kernel with 7-bit activations
     assert q.graph() is not q._quantized
     assert sum(isinstance(m, Int8Pointwise) for m in q.graph().modules()) == (38 if seven_bit else 0)
@@ -190,6 +214,8 @@ def test_int8_graph_runs_every_depthwise_conv_on_our_kernel(kernels, one_thread)
     q.kernels = True
     ours_graph = torch.jit.trace(q.traceable(), x, check_trace=False).inlined_graph
     assert "xception::dw_conv_int8" in str(ours_graph) and "xception::" not in str(portable)
+    if seven_bit:
+        assert "xception::pw_conv_add_int8" in str(ours_graph)
 
 
 def test_without_the_kernels_the_int8_model_runs_pytorch_kernels(monkeypatch, caplog, one_thread):

@@ -279,13 +279,23 @@ class Int8Pointwise(nn.Module):
         return torch._make_per_channel_quantized_tensor(w.reshape(n, k, 1, 1), self.weight_scale.double(),
                                                         torch.zeros(n, dtype=torch.long), 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.xception.pw_conv_int8(x, self.packed, self.weight_sum, self.weight_scale, self.bias,
-                                               self.out_channels, self.stride, self.scale, self.zero_point,
-                                               self.relu_out)
+    # Set where a residual add was fused into this conv (:func:`with_cpu_kernels`): forward then
+    # takes the other operand and returns ``other + conv`` quantized with this scale and zero point.
+    add_scale: float | None = None
+    add_zero_point: int | None = None
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        args = (x, self.packed, self.weight_sum, self.weight_scale, self.bias, self.out_channels, self.stride,
+                self.scale, self.zero_point, self.relu_out)
+        if other is None:
+            return torch.ops.xception.pw_conv_int8(*args)
+        if self.add_scale is None:
+            raise ValueError("this 1x1 conv has no residual add fused into it")
+        return torch.ops.xception.pw_conv_add_int8(*args, other, self.add_scale, self.add_zero_point)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={tuple(self.stride)}, relu_out={self.relu_out}"
+        add = "" if self.add_scale is None else f", add=(scale={self.add_scale:.4g}, zero_point={self.add_zero_point})"
+        return f"{self.in_channels}, {self.out_channels}, stride={tuple(self.stride)}, relu_out={self.relu_out}{add}"
 
 
 def _is_pointwise_int8(m: nn.Module) -> bool:
@@ -361,9 +371,55 @@ def with_cpu_kernels(quantized: nn.Module, *, pointwise: bool | None = None) -> 
             graph.graph.erase_node(source)
         setattr(graph.get_submodule(parent) if parent else graph, attr, Int8Depthwise(modules[node.target], relu_in=relu_in))
         replaced += 1
+    if pointwise:
+        _fuse_residual_adds(graph)
     graph.graph.lint()
     graph.recompile()
     return graph, replaced
+
+
+def _fuse_residual_adds(graph: nn.Module) -> int:
+    """Folds each quantized add whose operand is the only use of an :class:`Int8Pointwise` output
+    into that conv (Xception's 12 residual adds: the last 1x1 of a middle block, the skip conv of
+    the others); returns how many."""
+    fused = 0
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.quantized.add, torch.ops.quantized.add.default):
+            continue
+        if len(node.args) != 4 or node.kwargs:
+            continue
+        for conv_arg, other in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            if (getattr(conv_arg, "op", None) == "call_module" and len(conv_arg.users) == 1 and len(conv_arg.args) == 1
+                    and not conv_arg.kwargs and isinstance(graph.get_submodule(conv_arg.target), Int8Pointwise)
+                    and graph.get_submodule(conv_arg.target).add_scale is None):
+                break
+        else:
+            continue
+        conv = graph.get_submodule(conv_arg.target)
+        scale, zero_point = (_constant(graph, a) for a in node.args[2:])
+        if scale is None or zero_point is None:
+            continue
+        conv.add_scale, conv.add_zero_point = float(scale), int(zero_point)
+        with graph.graph.inserting_before(node):
+            fused_node = graph.graph.call_module(conv_arg.target, (conv_arg.args[0], other))
+        node.replace_all_uses_with(fused_node)
+        graph.graph.erase_node(node)
+        graph.graph.erase_node(conv_arg)
+        fused += 1
+    return fused
+
+
+def _constant(graph: nn.Module, arg) -> float | None:
+    """A number given to a graph node: itself, or the value of a get_attr node holding one."""
+    if isinstance(arg, (int, float)):
+        return arg
+    if getattr(arg, "op", None) == "get_attr":
+        value = getattr(graph, arg.target, None)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return value.item()
+        if isinstance(value, (int, float)):
+            return value
+    return None
 
 
 class StaticInt8(nn.Module):

@@ -26,6 +26,8 @@
 //   pw_pack_int8(Tensor weight int8 (N, K, 1, 1) in [-63, 63]) -> Tensor packed
 //   pw_conv_int8(Tensor x, Tensor packed, Tensor weight_sum, Tensor weight_scale, Tensor bias,
 //                int out_channels, int[2] stride, float out_scale, int out_zero_point, bool relu_out) -> Tensor
+//   pw_conv_add_int8(... the same ..., Tensor other, float add_scale, int add_zero_point) -> Tensor
+//                (other + the conv, PyTorch's quantized add fused into the conv's output)
 // relu_in applies ReLU to the input as it is read (the quantized ReLU before a separable conv);
 // relu_out clamps the output at its zero point (a fused ReLU).
 
@@ -390,11 +392,26 @@ at::Tensor pw_pack_int8(const at::Tensor& weight) {
   return out;
 }
 
+// A residual add fused into the 1x1 conv's output: out = other + conv, computed as PyTorch's
+// quantized add computes it (both operands dequantized with one FMA each, summed, requantized)
+// from the conv's own quantized output, so the fused graph matches the unfused one.
+struct ResidualAdd {
+  const uint8_t* other;  // quint8 (the output's shape, channels-last)
+  float conv_scale, conv_zp, other_scale, other_zp, inv_out_scale, out_zp;
+};
+
+// Bytes 0-3, 8-11, 4-7, 12-15: a row of 16 channels in the accumulators' order.
+inline __m128i to_accumulator_order(__m128i v) {
+  return _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15));
+}
+
 // a: R input pixels (K bytes each, lda apart); b: this column block's packed weights; mb: 32
-// floats (multipliers, offsets) in accumulator order. Writes R x ncols bytes at out (row stride ldo).
+// floats (multipliers, offsets) in accumulator order. Writes R x ncols bytes at out (row stride
+// ldo); with add, out = other + conv, other being this tile's place in add->other.
 template <int R>
 inline void pw_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K, const float* mb, uint8_t* out,
-                    int64_t ldo, int64_t ncols, __m256i lo8) {
+                    int64_t ldo, int64_t ncols, __m256i lo8, const ResidualAdd* add = nullptr,
+                    const uint8_t* other = nullptr) {
   __m256i acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
@@ -417,10 +434,37 @@ inline void pw_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K, c
   const __m256 m0 = _mm256_loadu_ps(mb), m1 = _mm256_loadu_ps(mb + 8);
   const __m256 o0 = _mm256_loadu_ps(mb + 16), o1 = _mm256_loadu_ps(mb + 24);
   for (int r = 0; r < R; ++r) {
-    const __m256i q0 = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), m0, o0));
-    const __m256i q1 = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), m1, o1));
+    __m256i q0 = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), m0, o0));
+    __m256i q1 = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), m1, o1));
+    if (add) {
+      // the conv's quantized output, as the unfused graph would have stored it
+      const __m256i lo32 = _mm256_set1_epi32(static_cast<uint8_t>(_mm256_extract_epi8(lo8, 0)));
+      const __m256i hi32 = _mm256_set1_epi32(255);
+      q0 = _mm256_min_epi32(_mm256_max_epi32(q0, lo32), hi32);
+      q1 = _mm256_min_epi32(_mm256_max_epi32(q1, lo32), hi32);
+      __m128i ov;
+      if (ncols == kCols) {
+        ov = _mm_loadu_si128(reinterpret_cast<const __m128i*>(other + r * ldo));
+      } else {
+        alignas(16) uint8_t tmp[16] = {};
+        std::memcpy(tmp, other + r * ldo, ncols);
+        ov = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+      }
+      ov = to_accumulator_order(ov);
+      const __m256 sc = _mm256_set1_ps(add->conv_scale), sr = _mm256_set1_ps(add->other_scale);
+      const __m256 zc = _mm256_set1_ps(-add->conv_zp * add->conv_scale), zr = _mm256_set1_ps(-add->other_zp * add->other_scale);
+      const __m256 inv = _mm256_set1_ps(add->inv_out_scale);
+      const __m256i zo = _mm256_set1_epi32(static_cast<int>(add->out_zp));
+      const __m256 r0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(ov)), sr, zr);
+      const __m256 r1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(ov, 8))), sr, zr);
+      const __m256 c0 = _mm256_add_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), sc, zc), r0);
+      const __m256 c1 = _mm256_add_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), sc, zc), r1);
+      q0 = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(c0, inv)), zo);
+      q1 = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(c1, inv)), zo);
+    }
     const __m256i q16 = _mm256_packs_epi32(q0, q1);  // int16, channels 0-7 | 8-15
-    const __m256i q8 = _mm256_max_epu8(_mm256_permute4x64_epi64(_mm256_packus_epi16(q16, q16), 0x08), lo8);
+    __m256i q8 = _mm256_permute4x64_epi64(_mm256_packus_epi16(q16, q16), 0x08);
+    if (!add) q8 = _mm256_max_epu8(q8, lo8);
     const __m128i v = _mm256_castsi256_si128(q8);
     if (ncols == kCols) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * ldo), v);
@@ -432,21 +476,36 @@ inline void pw_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K, c
   }
 }
 
-at::Tensor pw_conv_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_sum,
-                        const at::Tensor& weight_scale, const at::Tensor& bias, int64_t out_channels,
-                        at::IntArrayRef stride, double out_scale, int64_t out_zero_point, bool relu_out) {
-  check_input("pw_conv_int8", x, out_zero_point);
-  TORCH_CHECK(stride.size() == 2, "pw_conv_int8: stride takes two values");
+at::Tensor pw_conv(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_sum,
+                   const at::Tensor& weight_scale, const at::Tensor& bias, int64_t out_channels,
+                   at::IntArrayRef stride, double out_scale, int64_t out_zero_point, bool relu_out,
+                   const at::Tensor* other, double add_scale, int64_t add_zero_point) {
+  check_input(op, x, out_zero_point);
+  TORCH_CHECK(stride.size() == 2, op, ": stride takes two values");
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t B = xc.size(0), K = xc.size(1), H = xc.size(2), W = xc.size(3), N = out_channels;
   const int64_t sh = stride[0], sw = stride[1];
   const int64_t OH = (H - 1) / sh + 1, OW = (W - 1) / sw + 1, M = B * OH * OW;
   const int64_t nb = (N + kCols - 1) / kCols;
   TORCH_CHECK(K % 8 == 0 && packed.scalar_type() == at::kChar && packed.numel() == nb * K * 16,
-              "pw_conv_int8: packed weights do not fit a ", K, " -> ", N, " channel 1x1 conv");
-  const Requant R("pw_conv_int8", xc, N, weight_sum, weight_scale, bias, out_scale, out_zero_point);
-  at::Tensor y = at::_empty_affine_quantized({B, N, OH, OW}, at::device(at::kCPU).dtype(at::kQUInt8), out_scale,
-                                             out_zero_point, at::MemoryFormat::ChannelsLast);
+              op, ": packed weights do not fit a ", K, " -> ", N, " channel 1x1 conv");
+  const Requant R(op, xc, N, weight_sum, weight_scale, bias, out_scale, out_zero_point);
+  at::Tensor oc;
+  ResidualAdd res{};
+  if (other) {
+    check_input(op, *other, add_zero_point);
+    TORCH_CHECK(other->sizes() == at::IntArrayRef({B, N, OH, OW}), op, ": the residual has shape ", other->sizes(),
+                ", the conv's output ", at::IntArrayRef({B, N, OH, OW}));
+    oc = other->contiguous(at::MemoryFormat::ChannelsLast);
+    res = {reinterpret_cast<const uint8_t*>(oc.data_ptr<c10::quint8>()), static_cast<float>(out_scale),
+           static_cast<float>(out_zero_point), static_cast<float>(oc.q_scale()),
+           static_cast<float>(oc.q_zero_point()), 1.0f / static_cast<float>(add_scale),
+           static_cast<float>(add_zero_point)};
+  }
+  const ResidualAdd* add = other ? &res : nullptr;
+  at::Tensor y = at::_empty_affine_quantized({B, N, OH, OW}, at::device(at::kCPU).dtype(at::kQUInt8),
+                                             other ? add_scale : out_scale, other ? add_zero_point : out_zero_point,
+                                             at::MemoryFormat::ChannelsLast);
   const uint8_t* xp = reinterpret_cast<const uint8_t*>(xc.data_ptr<c10::quint8>());
   uint8_t* yp = reinterpret_cast<uint8_t*>(y.data_ptr<c10::quint8>());
   const int8_t* wp = packed.data_ptr<int8_t>();
@@ -480,14 +539,32 @@ at::Tensor pw_conv_int8(const at::Tensor& x, const at::Tensor& packed, const at:
         const int64_t ncols = std::min(kCols, N - b * kCols);
         const int8_t* wb = wp + b * K * 16;
         int64_t m = m0;
+        const int64_t col = b * kCols;
         for (; m + kRows <= m1; m += kRows)
-          pw_tile<kRows>(a + (m - m0) * K, K, wb, K, mbp + b * 32, yp + m * N + b * kCols, N, ncols, lo8);
+          pw_tile<kRows>(a + (m - m0) * K, K, wb, K, mbp + b * 32, yp + m * N + col, N, ncols, lo8, add,
+                         add ? add->other + m * N + col : nullptr);
         for (; m < m1; ++m)
-          pw_tile<1>(a + (m - m0) * K, K, wb, K, mbp + b * 32, yp + m * N + b * kCols, N, ncols, lo8);
+          pw_tile<1>(a + (m - m0) * K, K, wb, K, mbp + b * 32, yp + m * N + col, N, ncols, lo8, add,
+                     add ? add->other + m * N + col : nullptr);
       }
     }
   });
   return y;
+}
+
+at::Tensor pw_conv_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_sum,
+                        const at::Tensor& weight_scale, const at::Tensor& bias, int64_t out_channels,
+                        at::IntArrayRef stride, double out_scale, int64_t out_zero_point, bool relu_out) {
+  return pw_conv("pw_conv_int8", x, packed, weight_sum, weight_scale, bias, out_channels, stride, out_scale,
+                 out_zero_point, relu_out, nullptr, 0.0, 0);
+}
+
+at::Tensor pw_conv_add_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_sum,
+                            const at::Tensor& weight_scale, const at::Tensor& bias, int64_t out_channels,
+                            at::IntArrayRef stride, double out_scale, int64_t out_zero_point, bool relu_out,
+                            const at::Tensor& other, double add_scale, int64_t add_zero_point) {
+  return pw_conv("pw_conv_add_int8", x, packed, weight_sum, weight_scale, bias, out_channels, stride, out_scale,
+                 out_zero_point, relu_out, &other, add_scale, add_zero_point);
 }
 
 }  // namespace
@@ -502,4 +579,8 @@ TORCH_LIBRARY(xception, m) {
   m.def("pw_conv_int8(Tensor x, Tensor packed, Tensor weight_sum, Tensor weight_scale, Tensor bias, "
         "int out_channels, int[] stride, float out_scale, int out_zero_point, bool relu_out) -> Tensor",
         &pw_conv_int8);
+  m.def("pw_conv_add_int8(Tensor x, Tensor packed, Tensor weight_sum, Tensor weight_scale, Tensor bias, "
+        "int out_channels, int[] stride, float out_scale, int out_zero_point, bool relu_out, Tensor other, "
+        "float add_scale, int add_zero_point) -> Tensor",
+        &pw_conv_add_int8);
 }
