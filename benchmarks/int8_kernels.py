@@ -43,7 +43,7 @@ def main() -> int:
         ref = model(x)
     base = calibrate_static(model, calib)
     variants = {}
-    for name, pointwise in (("pytorch kernels", None), ("ours: depthwise", False), ("ours: depthwise + 1x1", True)):
+    for name, pointwise in (("pytorch kernels", None), ("ours: depthwise", False), ("ours: depthwise + 1x1 + adds", True)):
         q = StaticInt8(model, base.state, base.info)
         if pointwise is None:
             q.kernels = False

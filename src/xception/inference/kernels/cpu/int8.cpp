@@ -408,10 +408,11 @@ inline __m128i to_accumulator_order(__m128i v) {
 // a: R input pixels (K bytes each, lda apart); b: this column block's packed weights; mb: 32
 // floats (multipliers, offsets) in accumulator order. Writes R x ncols bytes at out (row stride
 // ldo); with add, out = other + conv, other being this tile's place in add->other.
-template <int R>
+// (Add is a template parameter: the extra epilogue, even skipped at run time, makes GCC allocate
+// the multiply loop's registers worse and costs the plain conv a third of its speed.)
+template <int R, bool Add>
 inline void pw_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K, const float* mb, uint8_t* out,
-                    int64_t ldo, int64_t ncols, __m256i lo8, const ResidualAdd* add = nullptr,
-                    const uint8_t* other = nullptr) {
+                    int64_t ldo, int64_t ncols, __m256i lo8, const ResidualAdd* add, const uint8_t* other) {
   __m256i acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
@@ -436,7 +437,7 @@ inline void pw_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K, c
   for (int r = 0; r < R; ++r) {
     __m256i q0 = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), m0, o0));
     __m256i q1 = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), m1, o1));
-    if (add) {
+    if constexpr (Add) {
       // the conv's quantized output, as the unfused graph would have stored it
       const __m256i lo32 = _mm256_set1_epi32(static_cast<uint8_t>(_mm256_extract_epi8(lo8, 0)));
       const __m256i hi32 = _mm256_set1_epi32(255);
@@ -464,7 +465,7 @@ inline void pw_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K, c
     }
     const __m256i q16 = _mm256_packs_epi32(q0, q1);  // int16, channels 0-7 | 8-15
     __m256i q8 = _mm256_permute4x64_epi64(_mm256_packus_epi16(q16, q16), 0x08);
-    if (!add) q8 = _mm256_max_epu8(q8, lo8);
+    if constexpr (!Add) q8 = _mm256_max_epu8(q8, lo8);
     const __m128i v = _mm256_castsi256_si128(q8);
     if (ncols == kCols) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * ldo), v);
@@ -540,12 +541,21 @@ at::Tensor pw_conv(const char* op, const at::Tensor& x, const at::Tensor& packed
         const int8_t* wb = wp + b * K * 16;
         int64_t m = m0;
         const int64_t col = b * kCols;
-        for (; m + kRows <= m1; m += kRows)
-          pw_tile<kRows>(a + (m - m0) * K, K, wb, K, mbp + b * 32, yp + m * N + col, N, ncols, lo8, add,
-                         add ? add->other + m * N + col : nullptr);
-        for (; m < m1; ++m)
-          pw_tile<1>(a + (m - m0) * K, K, wb, K, mbp + b * 32, yp + m * N + col, N, ncols, lo8, add,
-                     add ? add->other + m * N + col : nullptr);
+        if (add) {
+          for (; m + kRows <= m1; m += kRows)
+            pw_tile<kRows, true>(a + (m - m0) * K, K, wb, K, mbp + b * 32, yp + m * N + col, N, ncols, lo8, add,
+                                 add->other + m * N + col);
+          for (; m < m1; ++m)
+            pw_tile<1, true>(a + (m - m0) * K, K, wb, K, mbp + b * 32, yp + m * N + col, N, ncols, lo8, add,
+                             add->other + m * N + col);
+        } else {
+          for (; m + kRows <= m1; m += kRows)
+            pw_tile<kRows, false>(a + (m - m0) * K, K, wb, K, mbp + b * 32, yp + m * N + col, N, ncols, lo8,
+                                  nullptr, nullptr);
+          for (; m < m1; ++m)
+            pw_tile<1, false>(a + (m - m0) * K, K, wb, K, mbp + b * 32, yp + m * N + col, N, ncols, lo8, nullptr,
+                              nullptr);
+        }
       }
     }
   });
