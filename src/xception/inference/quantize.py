@@ -336,8 +336,8 @@ def _is_relu(node, modules: dict[str, nn.Module]) -> bool:
 def with_cpu_kernels(quantized: nn.Module, *, pointwise: bool | None = None) -> tuple[nn.Module, int] | None:
     """A copy of a converted int8 graph with its depthwise convs run by our kernel, the ReLU feeding
     each of them folded in, and (``pointwise``; default: where activations are 7-bit, see
-    :func:`activation_qconfig`) its 1x1 convs run by our GEMM; ``(graph, convs replaced)``, or None
-    where the kernels are unavailable (:func:`.kernels.cpu.load` says why). The input graph is
+    :func:`activation_qconfig`) its 1x1 convs run by our GEMM with each residual add folded into
+    the 1x1 conv that feeds it; ``(graph, convs replaced)``, or None where the kernels are unavailable (:func:`.kernels.cpu.load` says why). The input graph is
     left as it is."""
     import copy
 
