@@ -337,8 +337,8 @@ def with_cpu_kernels(quantized: nn.Module, *, pointwise: bool | None = None) -> 
     """A copy of a converted int8 graph with its depthwise convs run by our kernel, the ReLU feeding
     each of them folded in, and (``pointwise``; default: where activations are 7-bit, see
     :func:`activation_qconfig`) its 1x1 convs run by our GEMM with each residual add folded into
-    the 1x1 conv that feeds it; ``(graph, convs replaced)``, or None where the kernels are unavailable (:func:`.kernels.cpu.load` says why). The input graph is
-    left as it is."""
+    the 1x1 conv that feeds it; ``(graph, convs replaced)``, or None where the kernels are
+    unavailable (:func:`.kernels.cpu.load` says why). The input graph is left as it is."""
     import copy
 
     if not cpu_kernels.load():
@@ -378,19 +378,19 @@ def with_cpu_kernels(quantized: nn.Module, *, pointwise: bool | None = None) -> 
     return graph, replaced
 
 
-def _fuse_residual_adds(graph: nn.Module) -> int:
+def _fuse_residual_adds(graph: nn.Module) -> None:
     """Folds each quantized add whose operand is the only use of an :class:`Int8Pointwise` output
     into that conv (Xception's 12 residual adds: the last 1x1 of a middle block, the skip conv of
-    the others); returns how many."""
-    fused = 0
+    the others)."""
     for node in list(graph.graph.nodes):
         if node.op != "call_function" or node.target not in (torch.ops.quantized.add, torch.ops.quantized.add.default):
             continue
         if len(node.args) != 4 or node.kwargs:
             continue
         for conv_arg, other in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
-            if (getattr(conv_arg, "op", None) == "call_module" and len(conv_arg.users) == 1 and len(conv_arg.args) == 1
-                    and not conv_arg.kwargs and isinstance(graph.get_submodule(conv_arg.target), Int8Pointwise)
+            if (getattr(conv_arg, "op", None) == "call_module" and len(conv_arg.users) == 1
+                    and len(conv_arg.args) == 1 and not conv_arg.kwargs
+                    and isinstance(graph.get_submodule(conv_arg.target), Int8Pointwise)
                     and graph.get_submodule(conv_arg.target).add_scale is None):
                 break
         else:
@@ -405,8 +405,6 @@ def _fuse_residual_adds(graph: nn.Module) -> int:
         node.replace_all_uses_with(fused_node)
         graph.graph.erase_node(node)
         graph.graph.erase_node(conv_arg)
-        fused += 1
-    return fused
 
 
 def _constant(graph: nn.Module, arg) -> float | None:

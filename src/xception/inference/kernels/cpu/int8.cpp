@@ -105,7 +105,8 @@ struct Requant {
 };
 
 // (C, 1, KH, KW) int8 -> int16, taps in tap_order: per 16-channel block and tap pair, 32 values
-// [w_t, w_t+1] in the accumulator order; then the 8-channel block the same way in SSE order; then (taps, rest) plain.
+// [w_t, w_t+1] in the accumulator order; then the 8-channel block the same way in SSE order;
+// then (taps, rest) plain.
 at::Tensor dw_pack_int8(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1 && weight.scalar_type() == at::kChar,
               "dw_pack_int8: expected int8 weights of shape (C, 1, KH, KW), got ", weight.sizes());
@@ -157,8 +158,19 @@ inline __m128i load8(const uint8_t* p, __m128i zp) {
   return _mm_cvtepu8_epi16(v);
 }
 
-// One output pixel (its channels from block first_block on). taps: 2 * pairs input pointers, in tap_order (padded taps and the odd one out point at a
-// row of zero points); mb: per 16-channel block 32 floats (multipliers, then offsets, in
+// Requantizes two accumulators (16 channels in accumulator order) and stores 16 bytes.
+inline void requant16(__m256i acc_a, __m256i acc_b, const float* m, __m256i lo8, uint8_t* out) {
+  const __m256i qa =
+      _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_a), _mm256_loadu_ps(m), _mm256_loadu_ps(m + 16)));
+  const __m256i qb =
+      _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_b), _mm256_loadu_ps(m + 8), _mm256_loadu_ps(m + 24)));
+  const __m256i q16 = _mm256_packs_epi32(qa, qb);  // int16, channels 0-7 | 8-15
+  const __m256i q8 = _mm256_permute4x64_epi64(_mm256_packus_epi16(q16, q16), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(_mm256_max_epu8(q8, lo8)));
+}
+
+// One output pixel (its channels from block first_block on). taps: 2 * pairs input pointers in
+// tap_order (padded taps and the odd one out point at a row of zero points); mb: per 16-channel block 32 floats (multipliers, then offsets, in
 // accumulator order), then 16 for the 8-channel block, then 2 * rest.
 template <int Pairs, bool ReluIn>
 inline void pixel(const uint8_t* const* taps, int64_t pairs_rt, const Layout& L, const int16_t* w, const float* mb,
@@ -175,12 +187,7 @@ inline void pixel(const uint8_t* const* taps, int64_t pairs_rt, const Layout& L,
       acc_a = _mm256_add_epi32(acc_a, _mm256_madd_epi16(_mm256_unpacklo_epi16(v0, v1), _mm256_loadu_si256(wv + 2 * p)));
       acc_b = _mm256_add_epi32(acc_b, _mm256_madd_epi16(_mm256_unpackhi_epi16(v0, v1), _mm256_loadu_si256(wv + 2 * p + 1)));
     }
-    const float* m = mb + b * 32;
-    const __m256i qa = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_a), _mm256_loadu_ps(m), _mm256_loadu_ps(m + 16)));
-    const __m256i qb = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_b), _mm256_loadu_ps(m + 8), _mm256_loadu_ps(m + 24)));
-    const __m256i q16 = _mm256_packs_epi32(qa, qb);  // int16, channels 0-7 | 8-15
-    const __m256i q8 = _mm256_permute4x64_epi64(_mm256_packus_epi16(q16, q16), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c0), _mm256_castsi256_si128(_mm256_max_epu8(q8, lo8)));
+    requant16(acc_a, acc_b, mb + b * 32, lo8, out + c0);
   }
   int64_t c0 = L.blocks * kBlock;
   const float* m = mb + L.blocks * 32;
@@ -212,19 +219,11 @@ inline void pixel(const uint8_t* const* taps, int64_t pairs_rt, const Layout& L,
   }
 }
 
-// Requantizes two accumulators (16 channels in accumulator order) and stores 16 bytes.
-inline void requant16(__m256i acc_a, __m256i acc_b, const float* m, __m256i lo8, uint8_t* out) {
-  const __m256i qa = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_a), _mm256_loadu_ps(m), _mm256_loadu_ps(m + 16)));
-  const __m256i qb = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_b), _mm256_loadu_ps(m + 8), _mm256_loadu_ps(m + 24)));
-  const __m256i q16 = _mm256_packs_epi32(qa, qb);  // int16, channels 0-7 | 8-15
-  const __m256i q8 = _mm256_permute4x64_epi64(_mm256_packus_epi16(q16, q16), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(_mm256_max_epu8(q8, lo8)));
-}
-
 // One output row of a 3x3, stride-1, dilation-1 depthwise conv, the 16-channel blocks only. rows:
-// the three input rows (a row of zero points where the row is padding); pw: left padding (0 or 1).
-// Per block the row is walked left to right; each output pixel widens one new input column (three
-// bytes rows -> int16) and reuses the pairs of the two columns before it.
+// the three input rows (a row of zero points where the row is padding); pw: left padding. Per
+// block the row is walked left to right; each output pixel widens one new input column (its three
+// bytes -> int16; columns outside the input read the zero point) and reuses the pairs of the two
+// columns before it.
 template <bool ReluIn>
 void dw_row3x3(const uint8_t* const rows[3], int64_t W, int64_t OW, int64_t pw, int64_t C, const Layout& L,
                const int16_t* w, const float* mb, uint8_t* out, __m128i zp8, uint8_t lo) {
@@ -398,6 +397,7 @@ at::Tensor pw_pack_int8(const at::Tensor& weight) {
 struct ResidualAdd {
   const uint8_t* other;  // quint8 (the output's shape, channels-last)
   float conv_scale, conv_zp, other_scale, other_zp, inv_out_scale, out_zp;
+  int32_t conv_min;  // the conv output's lowest value: its zero point with a fused ReLU, else 0
 };
 
 // Bytes 0-3, 8-11, 4-7, 12-15: a row of 16 channels in the accumulators' order.
@@ -439,8 +439,7 @@ inline void pw_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K, c
     __m256i q1 = _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), m1, o1));
     if constexpr (Add) {
       // the conv's quantized output, as the unfused graph would have stored it
-      const __m256i lo32 = _mm256_set1_epi32(static_cast<uint8_t>(_mm256_extract_epi8(lo8, 0)));
-      const __m256i hi32 = _mm256_set1_epi32(255);
+      const __m256i lo32 = _mm256_set1_epi32(add->conv_min), hi32 = _mm256_set1_epi32(255);
       q0 = _mm256_min_epi32(_mm256_max_epi32(q0, lo32), hi32);
       q1 = _mm256_min_epi32(_mm256_max_epi32(q1, lo32), hi32);
       __m128i ov;
@@ -453,7 +452,8 @@ inline void pw_tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t K, c
       }
       ov = to_accumulator_order(ov);
       const __m256 sc = _mm256_set1_ps(add->conv_scale), sr = _mm256_set1_ps(add->other_scale);
-      const __m256 zc = _mm256_set1_ps(-add->conv_zp * add->conv_scale), zr = _mm256_set1_ps(-add->other_zp * add->other_scale);
+      const __m256 zc = _mm256_set1_ps(-add->conv_zp * add->conv_scale);
+      const __m256 zr = _mm256_set1_ps(-add->other_zp * add->other_scale);
       const __m256 inv = _mm256_set1_ps(add->inv_out_scale);
       const __m256i zo = _mm256_set1_epi32(static_cast<int>(add->out_zp));
       const __m256 r0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(ov)), sr, zr);
@@ -501,7 +501,7 @@ at::Tensor pw_conv(const char* op, const at::Tensor& x, const at::Tensor& packed
     res = {reinterpret_cast<const uint8_t*>(oc.data_ptr<c10::quint8>()), static_cast<float>(out_scale),
            static_cast<float>(out_zero_point), static_cast<float>(oc.q_scale()),
            static_cast<float>(oc.q_zero_point()), 1.0f / static_cast<float>(add_scale),
-           static_cast<float>(add_zero_point)};
+           static_cast<float>(add_zero_point), relu_out ? static_cast<int32_t>(out_zero_point) : 0};
   }
   const ResidualAdd* add = other ? &res : nullptr;
   at::Tensor y = at::_empty_affine_quantized({B, N, OH, OW}, at::device(at::kCPU).dtype(at::kQUInt8),
