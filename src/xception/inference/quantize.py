@@ -32,6 +32,7 @@ from torch import nn
 
 from .kernels import cpu as cpu_kernels
 from .kernels.cpu import cpu_flags
+from .rounding import InputMoments, gptq_round, round_to_7bit
 
 log = logging.getLogger(__name__)
 
@@ -229,37 +230,26 @@ _PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
 _PW_COLUMN_ORDER = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
 
 
-def round_to_7bit(weight: torch.Tensor, candidates: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric 7-bit rounding of a 2-D weight, ``(scale, q)`` with ``q`` int8 in [-63, 63]:
-    each row's scale is the one, among clipping the range at 60% to 100% of max |w|, with the least
-    squared rounding error (clipping a few outliers buys a finer step for the rest)."""
-    amax = weight.abs().amax(dim=1).clamp_min(1e-12)  # (N,)
-    best_err = best_scale = None
-    for ratio in torch.linspace(0.6, 1.0, candidates, dtype=weight.dtype):
-        scale = amax * ratio / 63
-        err = (torch.round(weight / scale[:, None]).clamp(-63, 63) * scale[:, None] - weight).square().sum(dim=1)
-        if best_err is None:
-            best_err, best_scale = err, scale
-        else:
-            better = err < best_err
-            best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
-    q = torch.round(weight / best_scale[:, None]).clamp(-63, 63).to(torch.int8)
-    return best_scale, q
-
-
 class Int8Pointwise(nn.Module):
     """A converted quantized 1x1 conv (any stride) run by our GEMM kernel
     (``torch.ops.xception.pw_conv_int8``, :mod:`.kernels.cpu`): its weights rounded to 7 bits per
-    output channel (``[-63, 63]``, what lets the kernel sum two products in int16; see
-    ``kernels/cpu/int8.cpp``), the same bias and output quantization. For 7-bit activations only."""
+    output channel (``[-63, 63]``, what lets the kernel sum four products in int16; see
+    ``kernels/cpu/int8.cpp``), the same bias and output quantization. For 7-bit activations only.
+    ``rounded``: the 7-bit weights ``(q (N, K) int8, scale (N,))``, as :func:`calibrate_static`
+    rounds them (:mod:`.rounding`); without it the conv's own 8-bit weights are rounded to nearest."""
 
-    def __init__(self, conv: nn.Module) -> None:
+    def __init__(self, conv: nn.Module, rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         import torch.ao.nn.intrinsic.quantized as nniq
 
-        weight = conv.weight().dequantize().double()  # (N, K, 1, 1)
-        scale, q = round_to_7bit(weight.flatten(1))
-        q = q.view(weight.shape)
+        shape = (conv.out_channels, conv.in_channels, 1, 1)
+        if rounded is None:  # nearest rounding of the conv's 8-bit weights
+            scale, q = round_to_7bit(conv.weight().dequantize().double().flatten(1))
+        else:  # ``(q, scale)`` rounded from the fp32 weights at calibration (:func:`calibrate_static`)
+            q, scale = rounded
+            if not _fits_7bit(conv, q, scale):
+                raise ValueError(f"7-bit weights {tuple(q.shape)} {q.dtype} do not fit a 1x1 conv of shape {shape}")
+        q = q.reshape(shape)
         self.register_buffer("packed", torch.ops.xception.pw_pack_int8(q))
         self.register_buffer("weight_sum", q.sum(dim=(1, 2, 3), dtype=torch.int32))
         self.register_buffer("weight_scale", scale.float())
@@ -298,6 +288,13 @@ class Int8Pointwise(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, stride={tuple(self.stride)}, relu_out={self.relu_out}{add}"
 
 
+def _fits_7bit(conv: nn.Module, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether ``(q, scale)`` are 7-bit weights for the 1x1 conv ``conv`` (float or converted)."""
+    n, k = conv.out_channels, conv.in_channels
+    return (tuple(q.shape) == (n, k) and q.dtype == torch.int8 and tuple(scale.shape) == (n,)
+            and scale.is_floating_point() and bool(torch.isfinite(scale).all()) and int(q.abs().max()) <= 63)
+
+
 def _is_pointwise_int8(m: nn.Module) -> bool:
     """A converted quantized 1x1 conv our GEMM kernel computes: groups 1, no padding, input
     channels a multiple of 8."""
@@ -333,12 +330,15 @@ def _is_relu(node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target == "relu"
 
 
-def with_cpu_kernels(quantized: nn.Module, *, pointwise: bool | None = None) -> tuple[nn.Module, int] | None:
+def with_cpu_kernels(quantized: nn.Module, *, pointwise: bool | None = None,
+                     rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[nn.Module, int] | None:
     """A copy of a converted int8 graph with its depthwise convs run by our kernel, the ReLU feeding
     each of them folded in, and (``pointwise``; default: where activations are 7-bit, see
     :func:`activation_qconfig`) its 1x1 convs run by our GEMM with each residual add folded into
     the 1x1 conv that feeds it; ``(graph, convs replaced)``, or None where the kernels are
-    unavailable (:func:`.kernels.cpu.load` says why). The input graph is left as it is."""
+    unavailable (:func:`.kernels.cpu.load` says why). ``rounded``: 7-bit 1x1 weights by module
+    name (:func:`rounded_pointwise`); a 1x1 conv without them is rounded to nearest. The input
+    graph is left as it is."""
     import copy
 
     if not cpu_kernels.load():
@@ -357,7 +357,8 @@ def with_cpu_kernels(quantized: nn.Module, *, pointwise: bool | None = None) -> 
             continue
         parent, _, attr = node.target.rpartition(".")
         if pointwise and _is_pointwise_int8(modules[node.target]):
-            setattr(graph.get_submodule(parent) if parent else graph, attr, Int8Pointwise(modules[node.target]))
+            conv = Int8Pointwise(modules[node.target], (rounded or {}).get(node.target))
+            setattr(graph.get_submodule(parent) if parent else graph, attr, conv)
             replaced += 1
             continue
         if not _is_depthwise_int8(modules[node.target]):
@@ -447,6 +448,12 @@ class StaticInt8(nn.Module):
             raise ValueError(f"int8 calibration state does not match the model: {len(missing)} observers "
                              f"missing, e.g. {missing[:2]}")
         prepared.load_state_dict(state, strict=False)
+        self._rounded = _rounded_from_state(state)
+        convs = _pointwise_convs(prepared)
+        for name, (q, scale) in self._rounded.items():
+            if name not in convs or not _fits_7bit(convs[name][0], q, scale):
+                raise ValueError(f"int8 calibration state has 7-bit weights {tuple(q.shape)} {q.dtype} for "
+                                 f"{name}, which do not fit a 1x1 conv of this model")
         with warnings.catch_warnings(), quantized_engine(STATIC_ENGINE):
             # the engine active here picks the kernels: weights are packed for it once, now
             warnings.simplefilter("ignore")
@@ -463,7 +470,7 @@ class StaticInt8(nn.Module):
         if not self.kernels:
             return self._quantized
         if "_fast" not in self.__dict__:
-            built = with_cpu_kernels(self._quantized)
+            built = with_cpu_kernels(self._quantized, rounded=self._rounded)
             self.__dict__["_fast"] = built[0] if built else None
             if built:
                 log.debug("%d convs on our int8 kernels", built[1])
@@ -537,25 +544,72 @@ def calibrate_static(model: nn.Module, batches, *, info: dict | None = None, pro
     """
     from tqdm import tqdm
 
-    prepared = None
+    prepared = moments = None
     images = 0
     for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
         batch = batch.cpu().float()
         if prepared is None:
             prepared = prepare_static(model, batch[:1])
+            convs = _pointwise_convs(prepared)
+            moments = InputMoments({name: conv for name, (conv, _) in convs.items()},
+                                   {name: module for name, (_, module) in convs.items()})
         prepared(batch)
         images += batch.shape[0]
     if prepared is None:
         raise ValueError("int8 calibration needs at least one batch of images")
-    state = observer_state(prepared)
+    moments.close()
+    state = {**observer_state(prepared), **rounded_pointwise(moments)}
     import datetime
 
-    meta = {"method": "static int8: per-tensor activation ranges (histogram calibration), per-channel weights",
+    meta = {"method": "static int8: per-tensor activation ranges (histogram calibration), per-channel weights; "
+                      "7-bit 1x1 weights for our AVX2 kernel GPTQ-rounded on the calibration images",
             "engine": STATIC_ENGINE, "images": images, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(info or {})}
     quantized = StaticInt8(model.eval().cpu().float(), state, meta)
     object.__setattr__(quantized, "state", state)
     return quantized
+
+
+_ROUNDED_KEY = "pointwise_int7."
+
+
+def _pointwise_convs(prepared: nn.Module) -> dict[str, tuple[nn.Conv2d, nn.Module]]:
+    """The 1x1 convs of a prepared model that :func:`with_cpu_kernels` runs on our GEMM, by module
+    name: ``(conv with the batch norm folded in, the module the graph calls)``."""
+    found = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = prepared.get_submodule(node.target)
+        conv = module[0] if isinstance(module, nn.Sequential) and len(module) else module
+        if type(conv) is nn.Conv2d and is_pointwise(conv) and conv.padding == (0, 0) and conv.in_channels % 8 == 0:
+            found[node.target] = (conv, module)
+    return found
+
+
+def rounded_pointwise(moments: InputMoments) -> dict[str, torch.Tensor]:
+    """The 7-bit weights of each 1x1 conv ``moments`` watched, GPTQ-rounded under its inputs'
+    second moment (:mod:`.rounding`), as state tensors: ``pointwise_int7.<name>.weight`` (N, K)
+    int8 and ``.scale`` (N,) float32."""
+    state = {}
+    for name, conv in moments.convs.items():
+        weight = conv.weight.detach().float().flatten(1)  # (N, K)
+        scale, _ = round_to_7bit(weight)
+        state[f"{_ROUNDED_KEY}{name}.weight"] = gptq_round(weight, moments.moments[name], scale)
+        state[f"{_ROUNDED_KEY}{name}.scale"] = scale.float()
+    return state
+
+
+def _rounded_from_state(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module name: (q, scale)}`` from the state tensors :func:`rounded_pointwise` wrote."""
+    names = {k[len(_ROUNDED_KEY):].rpartition(".")[0] for k in state if k.startswith(_ROUNDED_KEY)}
+    rounded = {}
+    for name in names:
+        q, scale = (state.get(f"{_ROUNDED_KEY}{name}.{part}") for part in ("weight", "scale"))
+        if q is None or scale is None:
+            raise ValueError(f"int8 calibration state has a partial 7-bit weight for {name}")
+        rounded[name] = (q, scale)
+    return rounded
 
 
 def int8_model(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
