@@ -451,7 +451,7 @@ class StaticInt8(nn.Module):
         self._rounded = _rounded_from_state(state)
         convs = _pointwise_convs(prepared)
         for name, (q, scale) in self._rounded.items():
-            if name not in convs or not _fits_7bit(convs[name][0], q, scale):
+            if name not in convs or not _fits_7bit(convs[name], q, scale):
                 raise ValueError(f"int8 calibration state has 7-bit weights {tuple(q.shape)} {q.dtype} for "
                                  f"{name}, which do not fit a 1x1 conv of this model")
         with warnings.catch_warnings(), quantized_engine(STATIC_ENGINE):
@@ -550,9 +550,7 @@ def calibrate_static(model: nn.Module, batches, *, info: dict | None = None, pro
         batch = batch.cpu().float()
         if prepared is None:
             prepared = prepare_static(model, batch[:1])
-            convs = _pointwise_convs(prepared)
-            moments = InputMoments({name: conv for name, (conv, _) in convs.items()},
-                                   {name: module for name, (_, module) in convs.items()})
+            moments = InputMoments(_pointwise_convs(prepared))
         prepared(batch)
         images += batch.shape[0]
     if prepared is None:
@@ -573,17 +571,17 @@ def calibrate_static(model: nn.Module, batches, *, info: dict | None = None, pro
 _ROUNDED_KEY = "pointwise_int7."
 
 
-def _pointwise_convs(prepared: nn.Module) -> dict[str, tuple[nn.Conv2d, nn.Module]]:
-    """The 1x1 convs of a prepared model that :func:`with_cpu_kernels` runs on our GEMM, by module
-    name: ``(conv with the batch norm folded in, the module the graph calls)``."""
+def _pointwise_convs(prepared: nn.Module) -> dict[str, nn.Conv2d]:
+    """The 1x1 convs of a prepared model that :func:`with_cpu_kernels` runs on our GEMM (batch norm
+    folded in; the conv itself where the graph calls a conv + ReLU), by the name the graph calls."""
     found = {}
     for node in prepared.graph.nodes:
         if node.op != "call_module":
             continue
         module = prepared.get_submodule(node.target)
         conv = module[0] if isinstance(module, nn.Sequential) and len(module) else module
-        if type(conv) is nn.Conv2d and is_pointwise(conv) and conv.padding == (0, 0) and conv.in_channels % 8 == 0:
-            found[node.target] = (conv, module)
+        if type(conv) is nn.Conv2d and is_pointwise(conv) and conv.in_channels % 8 == 0:
+            found[node.target] = conv
     return found
 
 
@@ -596,7 +594,7 @@ def rounded_pointwise(moments: InputMoments) -> dict[str, torch.Tensor]:
         weight = conv.weight.detach().float().flatten(1)  # (N, K)
         scale, _ = round_to_7bit(weight)
         state[f"{_ROUNDED_KEY}{name}.weight"] = gptq_round(weight, moments.moments[name], scale)
-        state[f"{_ROUNDED_KEY}{name}.scale"] = scale.float()
+        state[f"{_ROUNDED_KEY}{name}.scale"] = scale
     return state
 
 

@@ -80,12 +80,11 @@ class InputMoments:
     """Accumulates ``X^T X`` of the inputs of some 1x1 convs while a model runs (forward pre-hooks;
     stride-2 convs see every second pixel, as they compute). ``close()`` removes the hooks."""
 
-    def __init__(self, convs: dict[str, nn.Conv2d], hooked: dict[str, nn.Module] | None = None) -> None:
+    def __init__(self, convs: dict[str, nn.Conv2d]) -> None:
         self.convs = convs
         self.moments = {name: torch.zeros(c.in_channels, c.in_channels, dtype=torch.float64)
                         for name, c in convs.items()}
-        modules = hooked or convs
-        self._hooks = [modules[name].register_forward_pre_hook(self._hook(name)) for name in convs]
+        self._hooks = [conv.register_forward_pre_hook(self._hook(name)) for name, conv in convs.items()]
 
     def _hook(self, name: str):
         sh, sw = self.convs[name].stride
