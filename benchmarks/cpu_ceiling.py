@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from xception.inference.quantize import (  # noqa: E402
-    STATIC_ENGINE, activation_qconfig, cpu_flags, cpu_has_int8_dot, cpu_has_native_bf16, quantized_engine)
+from xception.deploy.cpu import cpu_flags, cpu_has_int8_dot, cpu_has_native_bf16  # noqa: E402
+from xception.deploy.int8.prepare import STATIC_ENGINE, activation_qconfig, quantized_engine  # noqa: E402
 
 M, K, N = 361, 728, 728  # the middle flow's pointwise conv at 299 px
 NETWORK_GMAC = 8.39  # per 299x299 image (the paper's Xception; our seed model counts the same)
@@ -71,8 +71,8 @@ def main() -> int:
         quant_max = 127 if activation_qconfig() == "x86" else 255
         xq = torch.quantize_per_tensor(x.clamp(min=0), 4.0 / quant_max, 0, torch.quint8)
         rates[f"int8 quantized 1x1 conv ({STATIC_ENGINE})"] = macs / median_seconds(lambda: conv(xq), 20) / 1e9
-        from xception.inference.kernels import cpu as cpu_kernels
-        from xception.inference.quantize import Int8Pointwise
+        from xception.deploy import kernels as cpu_kernels
+        from xception.deploy.int8.kernel_graph import Int8Pointwise
 
         if cpu_kernels.load():
             ours = Int8Pointwise(conv)

@@ -33,8 +33,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from xception.preprocessing import Preprocessing
-from xception.training.data import SafeImageFolder, collate_skip
-from xception.training.shards import ShardDataset, keyed, open_shards, write_shards
+from xception.data.datasets import SafeImageFolder
+from xception.data.images import collate_skip
+from xception.data.shards import ShardDataset, open_shards, write_shards
+from xception.data.splits import keyed
 
 TARGETS = {"eager": 1586.0, "compiled": 1647.0}  # timm legacy_xception training images/s on one H100
 

@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from xception.inference.classify import load_model  # noqa: E402
-from xception.inference.optimize import optimize  # noqa: E402
-from xception.inference.peers import openvino_candidates, ort_candidates  # noqa: E402
-from xception.inference.calibrate import calibration_set  # noqa: E402
-from xception.inference.quantize import StaticInt8, calibrate_static  # noqa: E402
-from xception.training.data import DigitsDataset  # noqa: E402
+from xception.deploy.optimize import optimize  # noqa: E402
+from xception.bench.peers import openvino_candidates, ort_candidates  # noqa: E402
+from xception.deploy.int8.calibrate import calibration_set  # noqa: E402
+from xception.deploy.int8.static import StaticInt8, calibrate_static  # noqa: E402
+from xception.data.datasets import DigitsDataset  # noqa: E402
 
 
 def main() -> int:

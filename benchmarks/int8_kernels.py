@@ -19,9 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from xception import create_model  # noqa: E402
-from xception.inference.bench import randomize_batchnorm_  # noqa: E402
-from xception.inference.parity import relative_error  # noqa: E402
-from xception.inference.quantize import StaticInt8, calibrate_static, with_cpu_kernels  # noqa: E402
+from xception.bench.harness import randomize_batchnorm_  # noqa: E402
+from xception.deploy.parity import relative_error  # noqa: E402
+from xception.deploy.int8.kernel_graph import with_cpu_kernels  # noqa: E402
+from xception.deploy.int8.static import StaticInt8, calibrate_static  # noqa: E402
 
 
 def main() -> int:

@@ -1,39 +1,26 @@
 """Session-wide test setup."""
 
-import importlib.util
 import os
 
 # Keras (parity tests) must run on the torch backend; set before anything imports keras.
 os.environ.setdefault("KERAS_BACKEND", "torch")
+
+# Under pytest-xdist, each worker gets its share of the cores: two workers of two OpenMP threads
+# each on two cores spin at every barrier waiting for a descheduled thread (a deep model's many
+# small convs ran 5-10x slower so). Subprocesses the tests start inherit the setting.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 from image_folders import make_image_folder  # noqa: E402
-
-
-def _import_triton_in_interpreter_mode() -> None:
-    # Triton decorates its own language functions (tl.zeros, tl.sum, ...) once, when first
-    # imported: interpreted if TRITON_INTERPRET=1 at that moment, compiled otherwise. Without a GPU
-    # the kernel tests run under the interpreter, so Triton must be imported in that mode before
-    # torch.compile / torch.export in other tests import it in compiled mode. The variable is
-    # restored at once: only tests that ask for the interpreter use it.
-    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language  # noqa: F401
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-_import_triton_in_interpreter_mode()
 
 
 @pytest.fixture(scope="module")

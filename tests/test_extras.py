@@ -61,7 +61,7 @@ def test_train_tensorboard_asked_for_but_missing(monkeypatch, tmp_path, tiny_fol
 
 
 def test_bench_peer_without_the_extra_is_a_row(monkeypatch):
-    from xception.inference.bench import run_bench
+    from xception.bench.harness import run_bench
 
     _hide(monkeypatch, "timm")
     report = run_bench(model_name="xception", image_size=32, dtypes=["fp32"], modes=["eager"], compare=["timm"],

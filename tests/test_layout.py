@@ -9,10 +9,13 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "xception"
 # Bottom to top; a module may import its own layer's modules and those below.
-LAYERS = [("fileio", "extras", "preprocessing"), ("models",), ("weights",), ("factory",), ("training",),
-          ("inference",), ("demo", "app"), ("cli", "__main__")]
+LAYERS = [("fileio", "extras", "preprocessing", "runtime", "plotting"), ("models",), ("weights",), ("factory",),
+          ("data",), ("deploy",), ("inference",), ("training",), ("bench",), ("demo", "app"),
+          ("cli", "__main__")]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 
@@ -93,3 +96,44 @@ def _is_package(module: str) -> bool:
 def test_every_module_is_in_a_layer():
     tops = {module_name(p).split(".")[1] for p in PACKAGE.rglob("*.py") if module_name(p) != "xception"}
     assert tops <= set(LAYER), sorted(tops - set(LAYER))
+
+
+def _reach(start: str, graph: dict[str, set[str]]) -> set[str]:
+    """Every module of the package that importing ``start`` can load (function-level imports included)."""
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        todo += [t for t in graph.get(node, ()) if t in graph]
+        parts = node.split(".")  # importing a.b.c runs a/__init__ and a/b/__init__ first
+        todo += [".".join(parts[:i]) for i in range(2, len(parts))]
+    return seen
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+@pytest.mark.parametrize("wing,forbidden", [("data", {"training", "inference", "deploy", "bench"}),
+                                            ("deploy", {"training", "inference", "bench"}),
+                                            ("inference", {"training", "bench"}), ("training", {"bench"})])
+def test_each_wing_stays_out_of_the_ones_above(wing, forbidden):
+    graph = _graph()
+    bad = sorted(f"{m} -> {t}" for m in graph if _layer(m) == wing for t in _reach(m, graph) if _layer(t) in forbidden)
+    assert not bad, "\n".join(bad)
+
+
+def test_only_the_cli_imports_the_benchmark_harness():
+    graph = _graph()
+    importers = sorted(m for m, targets in graph.items() if _layer(m) not in ("bench", "cli")
+                       and any(_layer(t) == "bench" for t in targets))
+    assert importers == [], importers
+
+
+@pytest.mark.parametrize("command", ["xception.inference.predict", "xception.inference.evaluate"])
+def test_predict_and_eval_never_enter_training(command):
+    reached = _reach(command, _graph())
+    assert not [m for m in reached if _layer(m) == "training"]
+    assert {"xception.data.images", "xception.runtime"} <= reached  # the shared layers, not copies

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 import xception
+from xception.weights import load_pretrained
 from xception.cli import main
-from xception.inference.export import export_model
+from xception.deploy.export import export_model
 from xception.preprocessing import Preprocessing
-from xception.training.checkpoint import load_checkpoint, model_from_checkpoint
+from xception.training.checkpoint import load_checkpoint
 from xception.weights.sources import KERAS_PREPROCESSING, TIMM_PREPROCESSING
 
 SMALL = ["--model-kwargs", "middle_blocks=0", "--batch-size", "2", "--workers", "0", "--device", "cpu",
@@ -81,7 +82,7 @@ def test_training_takes_the_weights_preprocessing_and_records_it(tmp_path, tiny_
     assert main(["train", "--data", str(tiny_folder), "--out", str(out), "--pretrained",
                  str(tmp_path / "start.safetensors"), *SMALL]) == 0
     assert load_checkpoint(out / "last.pt")["preprocessing"] == pre.to_dict()
-    model = model_from_checkpoint(load_checkpoint(out / "last.pt"))
+    model = load_pretrained(None, out / "last.pt")
     assert model.preprocessing == pre
 
     out2 = tmp_path / "run2"

@@ -2,20 +2,23 @@
 
 The package, from the bottom up (each layer imports only the ones above it in this list):
 
-    fileio, extras, preprocessing   atomic writes and safe loads, optional extras, input transforms
+    fileio, extras, preprocessing,  atomic writes and safe loads, optional extras, input transforms,
+    runtime, plotting               device / amp / torchrun, every figure
     models/                         configs, layers, the two families, registry, feature maps
     weights/                        public sources, file readers, Keras conversion, matching, loading
     factory                         create_model: registry + weights + backbone view
-    training/                       data, engine, checkpoints, distributed, recipes, reports, fit
-    inference/                      classify/explain/report, predict/eval, folding, fused kernels, int8,
-                                    optimize, export, bench
+    data/                           every source of images: digits, folders, shards, loose files
+    deploy/                         the fast paths: folding, optimize, int8 and its CPU kernels, export
+    inference/                      the user path: classify, predict, evaluate, explain, report, summary
+    training/                       the loop, checkpoints, recipes, reports, fit
+    bench/                          our fast paths against the peers (imported by the CLI only)
     demo, app, cli                  the main job, the web app and the command line
 """
 
 from .factory import create_model
 from .models import (AlignedXception, AlignedXceptionConfig, Block, FeatureExtractor, FeatureInfo, SeparableConv2d,
                      Xception, XceptionConfig, list_models, register_model, xception)
-from .inference import optimize
+from .deploy import optimize
 from .inference.classify import Classifier, Explanation, Prediction, decode_predictions
 from .preprocessing import Preprocessing
 from .weights import load_pretrained, load_weights, save_safetensors
@@ -45,4 +48,4 @@ __all__ = [
     "save_safetensors",
     "xception",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

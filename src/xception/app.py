@@ -15,7 +15,7 @@ import numpy as np
 
 from .extras import require
 from .inference.classify import Classifier
-from .inference.explain import grad_cam_library, overlay
+from .plotting import overlay
 
 API_NAME = "classify"
 
@@ -62,7 +62,6 @@ def launch(weights: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 7
     ``block=False`` returns at once with the server running in the background (tests).
     """
     gr = gradio()
-    grad_cam_library()  # both extras named before the weights load
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing phones home
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests, one line each
     clf = Classifier(weights, device=device)

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from . import __version__
 from .extras import MissingExtra
 from .models.registry import list_models
 
@@ -146,8 +147,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .inference.predict import evaluate_checkpoint
-    from .training.reporting import plot_confusion
+    from .inference.evaluate import evaluate_checkpoint
+    from .plotting import plot_confusion
 
     r = evaluate_checkpoint(args.weights, args.data, device=args.device, batch_size=args.batch_size,
                             workers=args.workers, val_split=args.val_split, amp=args.amp, image_size=args.image_size,
@@ -178,7 +179,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", nargs="?", const="confusion_matrix.png", metavar="PNG", help="write a confusion matrix")
     p.add_argument("--report", metavar="DIR", help="write confusion_matrix.png, per_class.csv/.md (precision, "
-                   'recall, F1) and mistakes.png (most confident mistakes + Grad-CAM; pip install "xception[explain]")')
+                   'recall, F1) and mistakes.png (most confident mistakes + Grad-CAM)')
     p.add_argument("--layer", help="--report: the layer of the Grad-CAM maps (default: the last feature map)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -221,7 +222,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from .training.shards import write_shards
+    from .data.shards import write_shards
 
     report = write_shards(args.src, args.out, shard_size=args.shard_size, val_split=args.val_split)
     for split, part in report["splits"].items():
@@ -264,7 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import contextlib
     import json
 
-    from .inference.bench import format_table, run_bench
+    from .bench import format_table, run_bench
 
     # stdout carries the report alone: what the peers print while building (NNCF's progress bars,
     # exporters) goes to stderr
@@ -297,7 +298,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                         "calibrated on the same images as the int8 peers, or the --weights file's own calibration; "
                         "int8-dynamic: int8 1x1 convs, bf16 elsewhere, no calibration; both CPU only) (default on "
                         "cpu: bf16 where native else fp32, int8, and int8-dynamic on CPUs with VNNI/AMX; cuda: bf16)")
-    p.add_argument("--modes", default=None, help="our modes, comma-separated: eager,compile,fused (default: all)")
+    p.add_argument("--modes", default=None, help="our modes, comma-separated: eager,compile (default: both)")
     p.add_argument("--compare", default=None,
                    help="peers, comma-separated: timm,onnxruntime,openvino (default: all; '' none)")
     p.add_argument("--calibration", type=int, default=16,
@@ -317,7 +318,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .inference.calibrate import quantize_weights
+    from .deploy.int8.calibrate import quantize_weights
 
     if not Path(args.out).resolve().parent.is_dir():  # fail before any work
         raise FileNotFoundError(f"output folder {str(Path(args.out).parent)!r} does not exist")
@@ -348,7 +349,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .factory import create_model
-    from .inference.export import export_model
+    from .deploy.export import export_model
     from .weights import load_pretrained
 
     if not Path(args.out).resolve().parent.is_dir():  # fail before loading anything
@@ -367,7 +368,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    from .inference.export import FORMATS
+    from .deploy.export import FORMATS
 
     p = sub.add_parser("export", help="export to ONNX / TorchScript / exported program, with a parity check")
     _add_weights(p, required=False, preprocessing=False)
@@ -384,10 +385,11 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .inference.classify import Classifier, class_index, gather_images, read_image
-    from .inference.explain import FEATURES, check_methods, grad_cam_library
+    from .data.images import expand_inputs, read_image
+    from .inference.classify import Classifier, class_index
+    from .inference.explain import FEATURES, check_methods
 
-    grad_cam_library()  # a missing extra, an unknown method or class: named before any work
+    # an unknown method or class: named before any work
     methods = check_methods(_csv(args.methods))
     clf = Classifier(args.weights, device=args.device, image_size=args.image_size, crop_pct=args.crop_pct)
     targets = [class_index(c, clf.class_names) for c in args.target] if args.target else None
@@ -395,7 +397,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written: set[Path] = set()
     failures = 0
-    for path, error in gather_images(args.images):
+    for path, error in expand_inputs(args.images):
         try:
             if error is not None:
                 raise FileNotFoundError(f"{path}: {error}")
@@ -463,14 +465,16 @@ def add_summary(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_summary)
 
 
-SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_explain, add_shard, add_bench, add_quantize, add_export,
-               add_convert,
-               add_models, add_summary, add_app]
+SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_explain, add_shard, add_bench, add_quantize,
+               add_export, add_convert, add_models, add_summary, add_app]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xception", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="xception", description="Xception (Chollet, CVPR 2017) in PyTorch: train, evaluate, classify, explain, "
+        "quantize, export and benchmark.", epilog="Run 'xception COMMAND --help' for a command's options.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)

@@ -1,6 +1,6 @@
 """The README's main job on data that ships with scikit-learn: train the seed's full Xception on
 the handwritten digits, evaluate it on the held-out 20%, classify a few held-out digits from PNG
-files, draw their Grad-CAM overlays (with the ``explain`` extra), and write a summary
+files, draw their Grad-CAM overlays, and write a summary
 (``summary.md`` / ``summary.json``) saying where everything is.
 
 Settings (measured on a 2-core CPU; see the README): 8x8 digits upsampled to 32x32 RGB, the
@@ -21,13 +21,12 @@ from typing import Any
 
 from PIL import Image
 
-from .extras import MissingExtra
 from .fileio import atomic_write
 from .inference.classify import Classifier
-from .inference.explain import grad_cam_library
-from .inference.predict import evaluate_checkpoint, predict
+from .inference.evaluate import evaluate_checkpoint
+from .inference.predict import predict
 from .training.checkpoint import load_checkpoint
-from .training.data import DigitsDataset
+from .data.datasets import DigitsDataset
 from .training.recipes import TrainConfig
 from .training.trainer import fit
 
@@ -55,14 +54,8 @@ def save_samples(folder: Path, count: int = 8) -> list[tuple[Path, str]]:
     return out
 
 
-def save_overlays(ckpt: Path, samples: list[tuple[Path, str]], folder: Path, device: str) -> list[str] | None:
-    """One Grad-CAM PNG per sample (the digit, the heatmap and the overlay of the predicted class);
-    None, with a warning naming the extra, when grad-cam is not installed."""
-    try:
-        grad_cam_library()
-    except MissingExtra as e:
-        log.warning("no Grad-CAM overlays: %s", e)
-        return None
+def save_overlays(ckpt: Path, samples: list[tuple[Path, str]], folder: Path, device: str) -> list[str]:
+    """One Grad-CAM PNG per sample (the digit, the heatmap and the overlay of the predicted class)."""
     clf = Classifier(ckpt, device=device)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -89,7 +82,7 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", **overrides:
         best = row["top"][0]
         predictions.append({"path": str(path), "label": label, "predicted": best["class"], "prob": best["prob"]})
     overlays = save_overlays(ckpt, samples, out / "samples" / "gradcam", device)
-    for p, overlay in zip(predictions, overlays or []):
+    for p, overlay in zip(predictions, overlays):
         p["gradcam"] = overlay
     wall = time.perf_counter() - start
     summary = {
@@ -104,7 +97,7 @@ def run_demo(out: str | Path = "demo_out", *, device: str = "auto", **overrides:
         "files": {"run_dir": str(out / "run"), "last_checkpoint": str(ckpt), "best_checkpoint": train["best_pt"],
                   "metrics": str(out / "run" / "metrics.jsonl"), "curves": str(out / "run" / "curves.png"),
                   "samples": str(out / "samples"), "summary": str(out / "summary.md"),
-                  "gradcam": str(out / "samples" / "gradcam") if overlays else None},
+                  "gradcam": str(out / "samples" / "gradcam")},
     }
     atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2) + "\n"), mode="w")
     atomic_write(out / "summary.md", lambda f: f.write(summary_markdown(summary)), mode="w")
@@ -133,8 +126,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
     ]
     here = Path(s["files"]["summary"]).parent
     lines += [f"| {Path(p['path']).name} | {p['label']} | {p['predicted']} | {p['prob']:.3f} | "
-              + (f"[overlay]({os.path.relpath(p['gradcam'], here)}) |" if p.get("gradcam") else
-                 'pip install "xception[explain]" |')
+              + f"[overlay]({os.path.relpath(p['gradcam'], here)}) |"
               for p in s["predictions"]]
     lines += ["", "Files:", ""] + [f"- {k}: `{v}`" for k, v in s["files"].items() if v is not None]
     lines += ["", "Next: `xception eval --checkpoint " + s["files"]["last_checkpoint"] + " --data digits`, "

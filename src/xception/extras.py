@@ -1,9 +1,8 @@
 """Optional features and the extra that installs each: a missing one is a one-line error.
 
 ``pip install "xception[onnx]"`` (export), ``"xception[bench]"`` (the benchmark peers),
-``"xception[tensorboard]"`` (TensorBoard logs), ``"xception[explain]"`` (Grad-CAM: ``explain``,
-``eval --report``, the demo's overlays), ``"xception[app]"`` (the web app), ``"xception[summary]"``
-(the layer table); ``"xception[test]"`` installs all of them.
+``"xception[tensorboard]"`` (TensorBoard logs), ``"xception[app]"`` (the web app), ``"xception[summary]"``
+(the layer table), ``"xception[shards]"`` (WebDataset shards); ``"xception[test]"`` installs all of them.
 """
 
 from __future__ import annotations

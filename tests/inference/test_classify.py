@@ -16,7 +16,8 @@ import xception
 from weight_files import randomize, serve_folder, write_keras_h5
 from xception import weights as W
 from xception.cli import build_parser, main
-from xception.inference.classify import class_index, decode_predictions, gather_images
+from xception.data.images import expand_inputs
+from xception.inference.classify import class_index, decode_predictions
 from xception.weights.sources import KERAS_PREPROCESSING
 
 KERAS_FILE = "xception_weights_tf_dim_ordering_tf_kernels.h5"
@@ -153,7 +154,7 @@ def test_mixed_inputs_every_bad_one_named_every_good_one_classified(small_weight
            str(tmp_path / "empty"): "no images in this folder"}
     inputs = [str(good[0]), str(tmp_path / "missing.png"), str(tmp_path / "folder"), str(corrupt), str(text),
               str(tmp_path / "nothing" / "*.jpg"), str(tmp_path / "d*.png"), str(tmp_path / "empty")]
-    assert gather_images(inputs)[1] == (tmp_path / "missing.png", "no such file or folder")
+    assert expand_inputs(inputs)[1] == (tmp_path / "missing.png", "no such file or folder")
 
     rc = main(["predict", "--weights", str(small_weights), *inputs, "--topk", "3", "--workers", "0",
                "--batch-size", "2", "--device", "cpu"])

@@ -15,7 +15,7 @@ import xception
 from xception.models.config import XceptionConfig
 from xception.models.layers import MaxPool2dSame
 
-SEED_TREE = Path(__file__).parents[1] / "data" / "seed_module_tree.txt"
+SEED_TREE = Path(__file__).with_name("seed_module_tree.txt")
 
 
 def _normalise_tree(text: str) -> list[str]:
@@ -235,13 +235,3 @@ def test_registry():
     assert rebuilt.config == model.config
     with pytest.raises(ValueError, match="unknown model 'resnet50'"):
         xception.create_model("resnet50")
-
-
-def test_torch_compile():
-    torch.manual_seed(0)
-    model = xception.create_model("xception", middle_blocks=1, num_classes=3).eval()
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
-        out = torch.compile(model)(x)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import xception
+from xception.weights import load_pretrained
 from xception.preprocessing import Preprocessing
-from xception.training.checkpoint import (capture_rng, cpu_state_dict, load_checkpoint, model_from_checkpoint,
+from xception.training.checkpoint import (capture_rng, cpu_state_dict, load_checkpoint,
                                           restore_rng, save_checkpoint)
 
 
@@ -47,7 +48,7 @@ def test_model_from_checkpoint_carries_classes_and_preprocessing(tmp_path):
     model = xception.create_model("xception", num_classes=2, middle_blocks=0)
     pre = Preprocessing(image_size=24, crop_pct=1.0, interpolation="bilinear", mean=(0.4,) * 3, std=(0.2,) * 3)
     save_checkpoint(_checkpoint(model, class_names=["cat", "dog"], preprocessing=pre.to_dict()), tmp_path / "a.pt")
-    rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "a.pt"), path=tmp_path / "a.pt")
+    rebuilt = load_pretrained(None, tmp_path / "a.pt")
     assert rebuilt.class_names == ["cat", "dog"] and rebuilt.preprocessing == pre
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
 
@@ -56,7 +57,7 @@ def test_checkpoint_without_preprocessing_uses_its_run_settings(tmp_path):
     """Checkpoints written before preprocessing was recorded: the run's image size and crop."""
     model = xception.create_model("xception", num_classes=2, middle_blocks=0)
     save_checkpoint(_checkpoint(model, train_config={"image_size": 32, "crop_pct": 1.0}), tmp_path / "old.pt")
-    rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "old.pt"))
+    rebuilt = load_pretrained(None, tmp_path / "old.pt")
     assert rebuilt.preprocessing == Preprocessing(image_size=32, crop_pct=1.0)
 
 
@@ -66,10 +67,10 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     del ckpt["model"]["fc.bias"]
     save_checkpoint(ckpt, tmp_path / "cut.pt")
     with pytest.raises(ValueError, match=r"cut\.pt: weights do not fit xception: .*classifier"):
-        model_from_checkpoint(load_checkpoint(tmp_path / "cut.pt"), path=tmp_path / "cut.pt")
+        load_pretrained(None, tmp_path / "cut.pt")
     save_checkpoint({**_checkpoint(model), "preprocessing": {"image_size": -3}}, tmp_path / "pre.pt")
     with pytest.raises(ValueError, match=r"pre\.pt: corrupt preprocessing record"):
-        model_from_checkpoint(load_checkpoint(tmp_path / "pre.pt"), path=tmp_path / "pre.pt")
+        load_pretrained(None, tmp_path / "pre.pt")
     save_checkpoint({"format": "xception-checkpoint", "model_name": "xception", "config": {}}, tmp_path / "nomodel.pt")
     with pytest.raises(ValueError, match=r"nomodel\.pt: xception checkpoint without 'model'"):
         load_checkpoint(tmp_path / "nomodel.pt")

@@ -20,19 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from image_folders import make_image_folder
+from runs import SMALL, assert_same_run
+
 import xception
-from xception.training.checkpoint import RecoverySchedule, load_checkpoint, model_from_checkpoint
 from xception.cli import main
 from xception.training import engine, trainer
+from xception.training.checkpoint import RecoverySchedule, load_checkpoint
+from xception.weights import load_pretrained
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 HOOKED = str(Path(__file__).resolve().parents[1] / "hooked_train.py")
-SMALL = ["--model-kwargs", "middle_blocks=0", "--image-size", "16", "--batch-size", "2", "--workers", "0",
-         "--device", "cpu", "--seed", "7"]
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": SRC, "KERAS_BACKEND": "torch"}
     env.update(extra)
@@ -50,22 +48,6 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.Comp
         proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def _assert_same_run(ckpt_a: Path, ckpt_b: Path) -> None:
-    a, b = load_checkpoint(ckpt_a), load_checkpoint(ckpt_b)
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
-    _assert_same_state(a["model"], b["model"])
-    _assert_same_state(a["ema"], b["ema"])
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        _assert_same_state(sa, sb)
-    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +77,7 @@ def test_train_two_steps_then_eval_and_predict(tmp_path, capsys):
     assert ckpt["model_name"] == "xception" and ckpt["class_names"] == ["cat", "dog"]
     assert ckpt["config"]["middle_blocks"] == 8 and ckpt["config"]["num_classes"] == 2
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    model = model_from_checkpoint(ckpt)
+    model = load_pretrained(None, out / "last.pt")
     assert sum(p.numel() for p in model.parameters()) == 22_855_952 - 2048 * 998 - 998
     capsys.readouterr()
 
@@ -125,7 +107,7 @@ def test_resume_at_epoch_boundary_is_bitwise(tiny_folder, reference_run, tmp_pat
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
     assert main(["train", "--data", str(tiny_folder), "--out", str(out), "--epochs", "2", "--resume",
                  "--device", "cpu", "--workers", "0"]) == 0
-    _assert_same_run(out / "last.pt", reference_run / "last.pt")
+    assert_same_run(out / "last.pt", reference_run / "last.pt")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
@@ -141,7 +123,7 @@ def test_sigterm_mid_epoch_saves_step_and_resume_is_bitwise(tiny_folder, referen
     assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]) == (1, 4, 1)  # mid epoch 2, no step lost
     assert main(["train", "--data", str(tiny_folder), "--out", str(out), "--resume", str(out / "last.pt"),
                  "--device", "cpu", "--workers", "0"]) == 0
-    _assert_same_run(out / "last.pt", reference_run / "last.pt")
+    assert_same_run(out / "last.pt", reference_run / "last.pt")
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_folder, reference_run, tmp_path, monkeypatch, capsys):
@@ -360,7 +342,7 @@ def test_sigkill_mid_epoch_loses_less_than_the_interval_and_resume_auto_is_bitwi
         assert main([*args, "--resume", "auto"]) == 0
     assert (f"resuming from {out / 'last.pt'} at epoch {saved // 3 + 1}, step {saved}" if saved
             else "starting a new run") in caplog.text
-    _assert_same_run(out / "last.pt", reference_run / "last.pt")
+    assert_same_run(out / "last.pt", reference_run / "last.pt")
 
 
 def _free_port() -> int:

@@ -15,21 +15,20 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
+from ..data.images import ImageLike, read_image
+from ..deploy.int8 import int8_model
+from ..plotting import cam_figure
 from ..preprocessing import Preprocessing
-from ..training.data import expand_inputs
-from ..weights import WeightFile, load_pretrained
+from ..runtime import resolve_device
+from ..weights import WeightFile, load_pretrained, read_weights, resolve_source
 from ..weights.imagenet import IMAGENET_NUM_CLASSES, imagenet_classes
 from . import explain as cam
-from .quantize import int8_model
-
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 class Prediction(NamedTuple):
@@ -90,38 +89,16 @@ def load_model(weights: str | os.PathLike | WeightFile, *, device: str | torch.d
     return int8_model(model, device) if int8 else model
 
 
-def read_image(image: ImageLike) -> Image.Image:
-    """A PIL RGB image from a path, a PIL image or an (H, W[, 3|4]) uint8 array; ValueError names a bad file."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(image).convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as e:  # UnidentifiedImageError, truncated data, ...
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-
-
-def gather_images(inputs: Sequence[str]) -> list[tuple[Path, str | None]]:
-    """``(path, None)`` for every image the files, folders and globs of ``inputs`` name, in order, and
-    ``(input, error)`` for each input that names none (missing, a pattern matching nothing, a folder
-    without images): one bad input never stops the others."""
-    import glob
-
-    entries: list[tuple[Path, str | None]] = []
-    for item in inputs:
-        try:
-            found = expand_inputs([item])
-        except FileNotFoundError:
-            found, error = [], "no files match this pattern" if glob.has_magic(item) else "no such file or folder"
-        else:
-            error = None if found else "no images in this folder"
-        entries += [(p, None) for p in found] or [(Path(item), error)]
-    return entries
+def load_for_inference(weights: str | Path, device: torch.device, *, channels_last: bool = True,
+                       image_size: int | None = None, crop_pct: float | None = None):
+    """``(model, class_names, preprocessing, train_config)`` from any weights ``--weights`` takes (a
+    checkpoint's ``train_config``, else ``{}``); the model in eval mode on ``device`` (a checkpoint's
+    EMA weights when the run kept them)."""
+    file = read_weights(resolve_source(weights))
+    model = load_model(file, device=device, image_size=image_size, crop_pct=crop_pct)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, model.class_names, model.preprocessing, file.train_config
 
 
 @dataclass
@@ -143,7 +120,7 @@ class Explanation:
     def save(self, path: str | os.PathLike, title: str | None = None) -> Path:
         """One PNG: per class, the image, then each method's heatmap and overlay."""
         rows = [f"{t.label}: {100 * t.prob:.1f}%" for t in self.targets]
-        return cam.save_cam_figure(path, self.image, rows, self.heatmaps, title=title or f"layer: {self.layer}")
+        return cam_figure(path, self.image, rows, self.heatmaps, titles=cam.TITLES, title=title or f"layer: {self.layer}")
 
 
 class Classifier:
@@ -158,9 +135,7 @@ class Classifier:
 
     def __init__(self, weights: str | os.PathLike | nn.Module, *, device: str = "auto", model_name: str | None = None,
                  image_size: int | None = None, crop_pct: float | None = None, batch_size: int = 32) -> None:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         if isinstance(weights, nn.Module):
             model = weights.to(self.device).eval()
             model.class_names = list(getattr(model, "class_names", None) or [str(i) for i in range(model.num_classes)])

@@ -1,6 +1,6 @@
-"""Class-activation maps (Grad-CAM and its kin) and the figures that show them.
+"""Class-activation maps (Grad-CAM and its kin); :mod:`xception.plotting` draws them.
 
-The maps come from the grad-cam library (``pip install "xception[explain]"``). By default they are
+The maps come from the grad-cam library (installed with the package). By default they are
 taken at the last feature map, ``forward_features``'s output (after the final ReLU: Keras's Grad-CAM
 tutorial on Xception uses the same map, ``block14_sepconv2_act``). The seed model runs one shared
 ``relu`` module many times, so that map is not any single module's output: :class:`FeatureMapModel`
@@ -10,18 +10,13 @@ makes it one (``features``) for the library to hook. ``layer="NAME"`` takes any 
 from __future__ import annotations
 
 import contextlib
-import os
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..extras import require
-from ..fileio import atomic_write
 from ..preprocessing import Preprocessing
-from ..training.reporting import _pyplot as pyplot
 
 FEATURES = "features"  # the default layer: the last feature map
 # Our names -> the library's classes. Score-CAM runs one forward pass per channel: slow on a CPU.
@@ -33,8 +28,10 @@ TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCA
 
 
 def grad_cam_library():
-    """The ``pytorch_grad_cam`` module, or a one-line error naming the extra."""
-    return require("pytorch_grad_cam", "explain", "class-activation maps (Grad-CAM)")
+    """The ``pytorch_grad_cam`` module (imported on first use: it brings OpenCV, slow to import)."""
+    import pytorch_grad_cam
+
+    return pytorch_grad_cam
 
 
 class FeatureMapModel(nn.Module):
@@ -146,43 +143,3 @@ def to_display(x: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
     mean = torch.tensor(preprocessing.mean, device=x.device)[:, None, None]
     std = torch.tensor(preprocessing.std, device=x.device)[:, None, None]
     return (x.detach().float() * std + mean).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-
-
-def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """The heatmap in the jet colour map over the image (Keras's tutorial: alpha 0.4), (H, W, 3) in [0, 1]."""
-    from matplotlib import colormaps
-
-    return np.clip((1 - alpha) * image + alpha * colormaps["jet"](heatmap)[..., :3], 0, 1)
-
-
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Write a matplotlib figure as a PNG, atomically, and close it."""
-    path = Path(path)
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        pyplot().close(fig)
-    return path
-
-
-def save_cam_figure(path: str | os.PathLike, image: np.ndarray, rows: Sequence[str], heatmaps: dict[str, np.ndarray],
-                    title: str | None = None) -> Path:
-    """One row per explained class (``rows``: its caption): the image, then each method's heatmap and overlay."""
-    plt = pyplot()
-    cols = 1 + 2 * len(heatmaps)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols, 2.8 * len(rows) + 0.4), squeeze=False)
-    for r, caption in enumerate(rows):
-        axes[r, 0].imshow(image)
-        axes[r, 0].set_title(caption, fontsize=10, fontweight="bold")
-        for m, (method, maps) in enumerate(heatmaps.items()):
-            name = TITLES.get(method, method)
-            axes[r, 1 + 2 * m].imshow(maps[r], cmap="jet", vmin=0, vmax=1)
-            axes[r, 1 + 2 * m].set_title(f"{name} heatmap", fontsize=9)
-            axes[r, 2 + 2 * m].imshow(overlay(image, maps[r]))
-            axes[r, 2 + 2 * m].set_title(f"{name} overlay", fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)

@@ -5,7 +5,7 @@
     mistakes.png           the most confident mistakes, each with the Grad-CAM map of the class it wrongly chose
 
 The mistakes are gathered during the evaluation pass itself (:class:`MistakeWatch` sits between
-:func:`~xception.training.engine.evaluate` and the model), so the metrics are computed once, in one
+:func:`~xception.inference.evaluate.evaluate` and the model), so the metrics are computed once, in one
 place. Under ``torchrun`` the gallery shows rank 0's share of the images; the metrics cover all ranks.
 Every file is written atomically.
 """
@@ -16,7 +16,6 @@ import csv
 import heapq
 import io
 import itertools
-import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -25,7 +24,7 @@ from torch import nn
 
 from ..fileio import atomic_write
 from ..preprocessing import Preprocessing
-from ..training.reporting import plot_confusion
+from ..plotting import gallery, overlay, plot_confusion
 from . import explain as cam
 
 FILES = {"confusion": "confusion_matrix.png", "csv": "per_class.csv", "markdown": "per_class.md",
@@ -131,31 +130,18 @@ def plot_mistakes(path: Path, model: nn.Module, mistakes: list[tuple[float, torc
                   classes: Sequence[str], preprocessing: Preprocessing, layer: str | None = None,
                   per_row: int = 4) -> Path:
     """A gallery: per mistake the image (true / predicted class, confidence) and its Grad-CAM overlay."""
-    plt = cam.pyplot()
     if not mistakes:
-        fig, ax = plt.subplots(figsize=(4, 1))
-        ax.text(0.5, 0.5, "no mistakes", ha="center", va="center")
-        ax.axis("off")
-        return cam.save_figure(fig, path)
+        return gallery(path, [], title="most confident mistakes", empty="no mistakes", per_row=per_row)
     device = next(model.parameters()).device
     inputs = torch.stack([x for _, x, _, _ in mistakes]).to(device)
     targets = [p for _, _, _, p in mistakes]
     maps = cam.class_activation_maps(model, inputs, targets, methods=["gradcam"], layer=layer)["gradcam"]
-    rows = math.ceil(len(mistakes) / per_row)
-    cols = 2 * min(per_row, len(mistakes))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.7 * rows), squeeze=False)
+    entries = []
     for n, (confidence, x, true, pred) in enumerate(mistakes):
         image = cam.to_display(x, preprocessing)
-        ax_img, ax_cam = axes[n // per_row, 2 * (n % per_row)], axes[n // per_row, 2 * (n % per_row) + 1]
-        ax_img.imshow(image)
-        ax_img.set_title(f"true: {classes[true]}\npredicted: {classes[pred]} {100 * confidence:.0f}%", fontsize=8)
-        ax_cam.imshow(cam.overlay(image, maps[n]))
-        ax_cam.set_title(f"Grad-CAM: {classes[pred]}", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle("most confident mistakes", fontsize=10)
-    fig.tight_layout()
-    return cam.save_figure(fig, path)
+        entries.append((image, f"true: {classes[true]}\npredicted: {classes[pred]} {100 * confidence:.0f}%",
+                        overlay(image, maps[n]), f"Grad-CAM: {classes[pred]}"))
+    return gallery(path, entries, title="most confident mistakes", per_row=per_row)
 
 
 def write_report(out: str | Path, result: dict[str, Any], model: nn.Module, watch: MistakeWatch,

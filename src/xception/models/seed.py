@@ -25,7 +25,7 @@ from torch import nn
 
 from .base import STEM, XceptionBase
 from .config import XceptionConfig
-from .layers import MaxPool2dSame, drop_path, max_pool  # noqa: F401  (MaxPool2dSame: its old home)
+from .layers import drop_path, max_pool
 from .registry import register_model
 
 

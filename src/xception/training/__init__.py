@@ -1,12 +1,10 @@
-"""Training: data, the epoch engine, checkpoints, distributed runs, recipes and reports.
+"""Training: the epoch engine, checkpoints, recipes and reports (data: :mod:`xception.data`;
+devices and torchrun: :mod:`xception.runtime`; the validation pass: :mod:`xception.inference.evaluate`).
 
-    data          datasets (digits, image folders), samplers, per-sample seeded augmentation
-    shards        WebDataset tar shards: writing them, streaming them (epochs, ranks, exact resume)
-    engine        train_one_epoch / evaluate over a TrainState
+    engine        train_one_epoch over a TrainState
     checkpoint    checkpoint contents, exact-resume random state, recovery-save schedule
-    distributed   torchrun environment -> process group
     recipes       Recipe (paper, finetune) and the TrainConfig of a run
-    reporting     metrics.jsonl, curves.png, TensorBoard, confusion matrices
+    reporting     metrics.jsonl, curves.png, TensorBoard events
     trainer       fit(): one run, wired together
 """
 

@@ -36,10 +36,7 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_write, torch_load_safe
-from ..models.registry import build_model, list_models
-from ..preprocessing import Preprocessing
-from ..weights import check_checkpoint, load_state_dict_checked
-from ..weights.readers import checkpoint_preprocessing
+from ..weights import check_checkpoint
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
@@ -58,24 +55,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return check_checkpoint(torch_load_safe(path), path)
-
-
-def model_from_checkpoint(ckpt: dict[str, Any], *, use_ema: bool = True,
-                          path: str | os.PathLike = "checkpoint") -> nn.Module:
-    """Build the checkpoint's model and load its weights (the EMA weights when present).
-
-    The model's ``class_names`` and ``preprocessing`` are the run's.
-    """
-    name = ckpt["model_name"]
-    if name not in list_models():
-        raise ValueError(f"{path}: holds model {name!r}, which this version does not know "
-                         f"(known: {', '.join(list_models())})")
-    model = build_model(name, **ckpt["config"])
-    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    load_state_dict_checked(model, weights, path)
-    model.class_names = ckpt.get("class_names")
-    model.preprocessing = checkpoint_preprocessing(ckpt, path) or Preprocessing()
-    return model
 
 
 # --- random state -----------------------------------------------------------------------------

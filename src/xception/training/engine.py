@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass: plain functions over a :class:`TrainState`.
+"""One training epoch: plain functions over a :class:`TrainState` (evaluation is :mod:`xception.inference.evaluate`).
 
 Nothing here parses arguments or writes files; :mod:`.trainer` wires runs together.
 """
@@ -8,17 +8,18 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum, any_rank, any_rank_each
+from ..data.images import warn_unreadable
+from ..runtime import all_reduce_sum, any_rank, any_rank_each, autocast, to_device
+from ..runtime import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -100,30 +101,16 @@ class EpochResult:
     interrupted: bool
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 (fp16 on GPUs without bf16) on CUDA, off on CPU (where bf16 training is slower)."""
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+@dataclass
+class _Pending:
+    """What the micro-batches since the last optimizer step add up to (committed at the step)."""
 
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    skipped: float = 0.0
+    samples: int = 0  # sampler items consumed, readable or not
+    non_finite: bool = False
 
 
 def train_one_epoch(state: TrainState, loader: Iterable, *, should_stop: Callable[[], bool] = lambda: False,
@@ -140,138 +127,117 @@ def train_one_epoch(state: TrainState, loader: Iterable, *, should_stop: Callabl
     those of the last good step.
     """
     hooks = hooks or StepHooks()
-    model, opt, dev = state.model, state.optimizer, state.device
-    model.train()
-    stats = state.epoch_stats
+    state.model.train()
     total = len(loader)  # type: ignore[arg-type]
-    pending = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "skipped": 0.0, "samples": 0, "bad": False}
-    micro = 0
+    pending, micro, interrupted = _Pending(), 0, False
     t0 = time.perf_counter()
-    bar = _progress(loader, total, f"epoch {state.epoch + 1}", progress)
-    interrupted = False
-    for i, (images, targets, indices, skipped) in enumerate(bar):
+    bar = progress_bar(loader, total, f"epoch {state.epoch + 1}", progress)
+    for i, batch in enumerate(bar):
         if hooks.on_batch is not None:
-            hooks.on_batch(state.epoch, indices)
-        pending["skipped"] += skipped
-        pending["samples"] += len(indices) + skipped
+            hooks.on_batch(state.epoch, batch.indices)
         last = i == total - 1
         micro += 1
         sync_now = micro == state.accum_steps or last
-        if len(targets) > 0:
-            images = _to_device(images, dev, state.channels_last)
-            targets = targets.to(dev, non_blocking=True)
-            no_sync = getattr(model, "no_sync", None)
-            ctx = no_sync() if (no_sync is not None and not sync_now) else nullcontext()
-            with ctx:
-                with autocast(dev, state.amp_dtype):
-                    logits = model(images)
-                    loss = F.cross_entropy(logits, targets, label_smoothing=state.label_smoothing)
-                scaled = loss / state.accum_steps
-                (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                pending["bad"] = True
-            n = len(targets)
-            pending["loss_sum"] += loss_value * n
-            pending["correct"] += (logits.argmax(1) == targets).sum().item()
-            pending["count"] += n
-        elif getattr(model, "no_sync", None) is not None:
-            raise RuntimeError("every image of a batch was unreadable; under DDP that would stall the other ranks")
+        _forward_backward(state, batch, pending, sync=sync_now)
         if not sync_now:
             continue
         micro = 0
-        if any_rank(bool(pending["bad"]), dev):
-            opt.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"non-finite training loss at epoch {state.epoch + 1}, step {state.step + 1}: "
-                "stopping (lower the learning rate or try --amp off); the last checkpoint is unchanged")
-        if pending["count"] > 0 or getattr(model, "no_sync", None) is not None:
-            if state.scaler is not None:
-                if state.max_grad_norm:
-                    state.scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(state.raw_model.parameters(), state.max_grad_norm)
-                state.scaler.step(opt)
-                state.scaler.update()
-            else:
-                if state.max_grad_norm:
-                    nn.utils.clip_grad_norm_(state.raw_model.parameters(), state.max_grad_norm)
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            state.scheduler.step()
-            state.step += 1
-            if state.ema is not None:
-                state.ema.update(state.raw_model, state.step)
-        state.epoch_step += 1
-        state.epoch_samples += pending["samples"]
-        for k in ("loss_sum", "correct", "count", "skipped"):
-            stats[k] += pending[k]
-        pending.update(loss_sum=0.0, correct=0.0, count=0.0, skipped=0.0, samples=0)
-        if progress and stats["count"]:
-            elapsed = stats["seconds"] + time.perf_counter() - t0
-            bar.set_postfix(loss=f"{stats['loss_sum'] / stats['count']:.4f}",  # type: ignore[union-attr]
-                            acc=f"{stats['correct'] / stats['count']:.3f}",
-                            img_s=f"{stats['count'] / max(elapsed, 1e-9):.1f}")
+        _optimizer_step(state, pending)
+        _commit(state, pending)
+        pending = _Pending()
+        if progress:
+            _show_progress(bar, state.epoch_stats, state.epoch_stats["seconds"] + time.perf_counter() - t0)
         if hooks.after_step is not None:
             hooks.after_step(state.step)
-        stop, save_now = any_rank_each([should_stop(), save_due(state.step)], dev)
+        stop, save_now = any_rank_each([should_stop(), save_due(state.step)], state.device)
         if last:
             continue
         if stop:
             interrupted = True
             break
         if save_now and save is not None:
-            stats["seconds"] += time.perf_counter() - t0  # the saved statistics are complete; the
-            save()  # time spent saving is not training time
+            state.epoch_stats["seconds"] += time.perf_counter() - t0  # the saved statistics are complete;
+            save()  # the time spent saving is not training time
             t0 = time.perf_counter()
-    stats["seconds"] += time.perf_counter() - t0
+    state.epoch_stats["seconds"] += time.perf_counter() - t0
     if progress:
         bar.close()  # type: ignore[union-attr]
+    return _epoch_result(state, interrupted)
+
+
+def _forward_backward(state: TrainState, batch, pending: _Pending, *, sync: bool) -> None:
+    """Forward and backward one micro-batch, accumulating gradients (DDP syncs them only when
+    ``sync``: at the optimizer step), and add its loss and accuracy to ``pending``."""
+    model, dev = state.model, state.device
+    pending.skipped += warn_unreadable(batch)
+    pending.samples += len(batch.indices) + len(batch.unreadable)
+    no_sync = getattr(model, "no_sync", None)
+    if len(batch.targets) == 0:
+        if no_sync is not None:
+            raise RuntimeError("every image of a batch was unreadable; under DDP that would stall the other ranks")
+        return
+    images = to_device(batch.images, dev, state.channels_last)
+    targets = batch.targets.to(dev, non_blocking=True)
+    with no_sync() if (no_sync is not None and not sync) else nullcontext():
+        with autocast(dev, state.amp_dtype):
+            logits = model(images)
+            loss = F.cross_entropy(logits, targets, label_smoothing=state.label_smoothing)
+        scaled = loss / state.accum_steps
+        (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
+    loss_value = loss.item()
+    pending.non_finite |= not math.isfinite(loss_value)
+    pending.loss_sum += loss_value * len(targets)
+    pending.correct += (logits.argmax(1) == targets).sum().item()
+    pending.count += len(targets)
+
+
+def _optimizer_step(state: TrainState, pending: _Pending) -> None:
+    """Clip, step (through the fp16 scaler if any), schedule and average: unless the loss went
+    non-finite on any rank, which raises with the weights as they were."""
+    opt = state.optimizer
+    if any_rank(pending.non_finite, state.device):
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"non-finite training loss at epoch {state.epoch + 1}, step {state.step + 1}: "
+            "stopping (lower the learning rate or try --amp off); the last checkpoint is unchanged")
+    if pending.count == 0 and getattr(state.model, "no_sync", None) is None:
+        return  # nothing readable in these batches: no step (under DDP every rank steps together)
+    if state.scaler is not None and state.max_grad_norm:
+        state.scaler.unscale_(opt)
+    if state.max_grad_norm:
+        nn.utils.clip_grad_norm_(state.raw_model.parameters(), state.max_grad_norm)
+    if state.scaler is not None:
+        state.scaler.step(opt)
+        state.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    state.step += 1
+    if state.ema is not None:
+        state.ema.update(state.raw_model, state.step)
+
+
+def _commit(state: TrainState, pending: _Pending) -> None:
+    """The step is done: its samples and statistics now belong to the epoch (and to a checkpoint)."""
+    state.epoch_step += 1
+    state.epoch_samples += pending.samples
+    for key in ("loss_sum", "correct", "count", "skipped"):
+        state.epoch_stats[key] += getattr(pending, key)
+
+
+def _show_progress(bar, stats: dict[str, float], elapsed: float) -> None:
+    if stats["count"]:
+        bar.set_postfix(loss=f"{stats['loss_sum'] / stats['count']:.4f}", acc=f"{stats['correct'] / stats['count']:.3f}",
+                        img_s=f"{stats['count'] / max(elapsed, 1e-9):.1f}")
+
+
+def _epoch_result(state: TrainState, interrupted: bool) -> EpochResult:
+    """The epoch's loss, accuracy and speed, summed over ranks."""
+    stats = state.epoch_stats
     totals = all_reduce_sum(torch.tensor([stats["loss_sum"], stats["correct"], stats["count"], stats["skipped"]],
-                                         dtype=torch.float64, device=dev)).tolist()
+                                         dtype=torch.float64, device=state.device)).tolist()
     count = max(totals[2], 1.0)
     return EpochResult(train_loss=totals[0] / count, train_top1=totals[1] / count, images=int(totals[2]),
                        images_per_s=totals[2] / max(stats["seconds"], 1e-9), skipped=int(totals[3]),
                        interrupted=interrupted)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, num_classes: int, device: torch.device,
-             amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-             progress: bool = False) -> dict[str, Any]:
-    """Loss, top-1, top-5, per-class accuracy and the confusion matrix, summed over all ranks.
-
-    ``model`` must be a plain module (not DDP-wrapped): ranks may see different numbers of batches.
-    """
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, top5 correct, skipped
-    k = min(5, num_classes)
-    for images, targets, _, skipped in _progress(loader, len(loader), "eval", progress):  # type: ignore[arg-type]
-        sums[2] += skipped
-        if len(targets) == 0:
-            continue
-        images = _to_device(images, device, channels_last)
-        targets = targets.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = model(images)
-        logits = logits.float()
-        sums[0] += F.cross_entropy(logits, targets, reduction="sum")
-        topk = logits.topk(k, dim=1).indices
-        sums[1] += (topk == targets[:, None]).any(dim=1).sum()
-        pred = topk[:, 0]
-        confusion.index_put_((targets, pred), torch.ones_like(pred, dtype=torch.float64), accumulate=True)
-    confusion = all_reduce_sum(confusion)
-    sums = all_reduce_sum(sums)
-    count = confusion.sum().item()
-    n = max(count, 1.0)
-    per_class_total = confusion.sum(1)
-    per_class = (confusion.diag() / per_class_total.clamp(min=1)).tolist()
-    return {
-        "loss": sums[0].item() / n,
-        "top1": confusion.diag().sum().item() / n,
-        "top5": sums[1].item() / n,
-        "count": int(count),
-        "skipped": int(sums[2].item()),
-        "per_class": [acc if total > 0 else None for acc, total in zip(per_class, per_class_total.tolist())],
-        "confusion": confusion.long().tolist(),
-    }

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..extras import MissingExtra, require
 from ..fileio import atomic_write
+from ..plotting import plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -48,52 +49,3 @@ def write_metrics(out: Path, history: list[dict[str, Any]], writer=None) -> None
         for key in SCALARS:
             writer.add_scalar(key, m[key], m["epoch"])
         writer.flush()
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy per epoch, train and validation, as a PNG."""
-    plt = _pyplot()
-    epochs = [m["epoch"] for m in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
-    ax_loss.plot(epochs, [m["val_loss"] for m in history], "o-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.plot(epochs, [100 * m["train_top1"] for m in history], "o-", label="train top-1")
-    ax_acc.plot(epochs, [100 * m["val_top1"] for m in history], "o-", label="val top-1")
-    ax_acc.plot(epochs, [100 * m["val_top5"] for m in history], "o--", label="val top-5")
-    ax_acc.set(xlabel="epoch", ylabel="%", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-
-
-def plot_confusion(confusion: list[list[int]], classes: Sequence[str], path: str | Path) -> None:
-    """A confusion-matrix PNG (rows: true class, columns: predicted)."""
-    plt = _pyplot()
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(min(2 + 0.5 * n, 20), min(2 + 0.5 * n, 20)))
-    ax.imshow(confusion, cmap="Blues")
-    if n <= 40:
-        ax.set_xticks(range(n), classes, rotation=90)
-        ax.set_yticks(range(n), classes)
-        if n <= 20:
-            for i in range(n):
-                for j in range(n):
-                    if confusion[i][j]:
-                        ax.text(j, i, str(confusion[i][j]), ha="center", va="center", fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)

@@ -1,7 +1,7 @@
 """A training run: recipe, model, optimizer, schedule, EMA, AMP, DDP, checkpoints and signals.
 
 ``fit(TrainConfig(data=..., out=...))`` is what ``xception train`` calls. It runs the same in one
-process and under ``torchrun`` (see :mod:`.distributed`). The run directory gets:
+process and under ``torchrun`` (see :mod:`xception.runtime`). The run directory gets:
 
     last.pt, best.pt     checkpoints (format in :mod:`.checkpoint`); best = highest val top-1
     metrics.jsonl        one JSON object per epoch
@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,14 +41,16 @@ from ..preprocessing import Preprocessing
 from ..weights import CHECKPOINT_FORMAT, load_pretrained, load_state_dict_checked, read_weights, resolve_source
 from ..weights.loading import weights_preprocessing
 from ..weights.readers import checkpoint_preprocessing
-from . import distributed as D
+from .. import runtime
+from ..data.images import collate_skip
+from ..data.splits import DataSplits, keyed, training_splits
+from ..inference.evaluate import evaluate
+from ..runtime import amp_dtype
 from .checkpoint import (RecoverySchedule, capture_rng, cpu_state_dict, load_checkpoint, restore_rng, save_checkpoint,
                          seed_everything)
-from .data import DataSplits, build_datasets, collate_skip
-from .engine import ModelEma, StepHooks, TrainState, amp_dtype, evaluate, train_one_epoch
+from .engine import ModelEma, StepHooks, TrainState, train_one_epoch
 from .recipes import RECIPES, TrainConfig
 from .reporting import open_tensorboard, write_metrics
-from .shards import is_shard_spec, keyed, shard_datasets
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +142,6 @@ def _preprocessing(cfg: TrainConfig, weights, ckpt: dict[str, Any] | None, resum
     return base.replace(image_size=cfg.image_size, crop_pct=cfg.crop_pct)
 
 
-def _datasets(cfg: TrainConfig, preprocessing: Preprocessing) -> DataSplits:
-    """Train and validation data: digits or a folder (:mod:`.data`), or shards (:mod:`.shards`)."""
-    scale = (cfg.train_scale, 1.0)
-    if not is_shard_spec(cfg.data):
-        if cfg.val_data is not None:
-            raise ValueError(f"--val-data goes with shard data; {cfg.data} is not shards (its validation part is "
-                             "DATA/val or --val-split)")
-        return build_datasets(cfg.data, preprocessing, train_scale=scale, hflip=cfg.hflip, val_split=cfg.val_split)
-    if cfg.val_split is not None:
-        raise ValueError("--val-split splits a folder; for shards give the validation shards as --val-data")
-    return shard_datasets(cfg.data, cfg.val_data, preprocessing, train_scale=scale, hflip=cfg.hflip)
-
-
 def _check_out_dir(out: Path) -> str | None:
     """None when ``out`` can hold the run's files, else a one-line reason."""
     try:
@@ -223,38 +213,65 @@ def _summary(out: Path, epochs: int, steps: int, best_top1: float, history: list
 
 def fit(cfg: TrainConfig, hooks: StepHooks | None = None) -> dict[str, Any]:
     """Train, evaluate each epoch and checkpoint; return a summary (rank 0's view)."""
-    env = D.setup(cfg.device)
+    env = runtime.setup(cfg.device)
     try:
         return _fit(cfg, env, hooks or StepHooks())
     finally:
-        D.cleanup()
+        runtime.cleanup()
 
 
-def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
+def _fit(cfg: TrainConfig, env: runtime.DistEnv, hooks: StepHooks) -> dict[str, Any]:
     out = Path(cfg.out)
-    ckpt, weights = None, None
-    resume_path = _checkpoint_to_resume(cfg, out)
+    ckpt, resume_path = None, _checkpoint_to_resume(cfg, out)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
         cfg = _resume_config(cfg, ckpt, resume_path)
     cfg = cfg.resolved()
     if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
         log.info("%s: the run is complete (%d of %d epochs): nothing to train", resume_path, ckpt["epoch"], cfg.epochs)
-        history = list(ckpt.get("history") or [])
-        return _summary(out, ckpt["epoch"], ckpt["step"], float(ckpt.get("best_top1", -1.0)), history,
-                        list(ckpt.get("class_names") or []))
+        return _summary(out, ckpt["epoch"], ckpt["step"], float(ckpt.get("best_top1", -1.0)),
+                        list(ckpt.get("history") or []), list(ckpt.get("class_names") or []))
     if cfg.tensorboard:  # asked for: fail now, before any work, if the extra is missing
         require("tensorboard", "tensorboard", "TensorBoard logging")
-    error = D.broadcast_error(_check_out_dir(out) if env.is_main else None)
+    error = runtime.broadcast_error(_check_out_dir(out) if env.is_main else None)
     if error:
         raise OSError(error)
     if env.is_main:
         _remove_stale_temps(out)
 
+    run = _setup_run(cfg, env, out, ckpt, resume_path)
+    if ckpt is not None:
+        _restore(run, ckpt, resume_path)
+    _wrap_model(run)
+    return _train(run, hooks)
+
+
+@dataclass
+class _Run:
+    """One training run, set up: what the epoch loop reads and what a checkpoint records."""
+
+    cfg: TrainConfig
+    env: runtime.DistEnv
+    out: Path
+    classes: list[str]
+    preprocessing: Preprocessing
+    state: TrainState
+    train_loader: DataLoader
+    val_loader: DataLoader
+    train_sampler: Any
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    best_top1: float = -1.0
+
+
+def _setup_run(cfg: TrainConfig, env: runtime.DistEnv, out: Path, ckpt: dict[str, Any] | None,
+               resume_path: Path | None) -> _Run:
+    """Data, model (pretrained or resumed weights), loaders, optimizer, schedule, AMP and EMA."""
+    weights = None
     if cfg.pretrained is not None and ckpt is None:  # read once: its preprocessing, then its weights
         weights = read_weights(resolve_source(cfg.pretrained))
     preprocessing = _preprocessing(cfg, weights, ckpt, resume_path)
-    splits = _datasets(cfg, preprocessing)
+    splits = training_splits(cfg.data, preprocessing, train_scale=(cfg.train_scale, 1.0), hflip=cfg.hflip,
+                             val_split=cfg.val_split, val_data=cfg.val_data)
     classes = list(splits.classes)
     if ckpt is not None and ckpt.get("class_names") not in (None, classes):
         raise ValueError(f"{cfg.data} has classes {classes[:5]}..., the checkpoint was trained on "
@@ -266,6 +283,27 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(env.device, memory_format=memory_format)
 
+    train_loader, val_loader, train_sampler = _loaders(cfg, env, splits)
+    per_rank = train_sampler.epoch_length
+    full_batches = per_rank // cfg.batch_size + (per_rank % cfg.batch_size > 1)
+    steps_per_epoch = math.ceil(full_batches / cfg.accum_steps)
+    optimizer = build_optimizer(model, cfg)
+    dtype = amp_dtype(cfg.amp, env.device)
+    state = TrainState(model=model, raw_model=model, optimizer=optimizer,
+                       scheduler=build_scheduler(optimizer, cfg, steps_per_epoch), device=env.device,
+                       scaler=torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None,
+                       ema=ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, amp_dtype=dtype,
+                       channels_last=cfg.channels_last, accum_steps=cfg.accum_steps,
+                       label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm)
+    log.info("training %s (%.1fM parameters) on %s: %d train / %d val images, %d classes, %d epochs, "
+             "batch %d x %d rank(s), %s, amp %s", cfg.model, sum(p.numel() for p in model.parameters()) / 1e6,
+             cfg.data, len(splits.train), len(splits.val), len(classes), cfg.epochs, cfg.batch_size,
+             env.world_size, env.device, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off"))
+    return _Run(cfg, env, out, classes, preprocessing, state, train_loader, val_loader, train_sampler)
+
+
+def _loaders(cfg: TrainConfig, env: runtime.DistEnv, splits: DataSplits) -> tuple[DataLoader, DataLoader, Any]:
+    """This rank's training loader (seeded, resumable sampler) and validation loader, and the sampler."""
     train_data, train_sampler = keyed(splits.train, train=True, num_replicas=env.world_size, rank=env.rank,
                                       seed=cfg.seed)
     val_data, val_sampler = keyed(splits.val, train=False, num_replicas=env.world_size, rank=env.rank)
@@ -273,83 +311,78 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
     if getattr(train_sampler, "left_out", 0):
         log.warning("%d of %d training samples are left out of each epoch: the ranks' shards hold unequal counts "
                     "(every rank takes %d)", train_sampler.left_out, len(splits.train), per_rank)
+    pin = env.device.type == "cuda"
     train_loader = DataLoader(
-        train_data, batch_size=cfg.batch_size, sampler=train_sampler,
-        num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=env.device.type == "cuda",
+        train_data, batch_size=cfg.batch_size, sampler=train_sampler, num_workers=cfg.workers,
+        collate_fn=collate_skip, pin_memory=pin,
         drop_last=per_rank % cfg.batch_size == 1,  # a lone last sample would break batch norm
         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.workers > 0)
-    val_loader = DataLoader(
-        val_data, batch_size=cfg.batch_size * 2, sampler=val_sampler,
-        num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=env.device.type == "cuda",
-        persistent_workers=cfg.workers > 0)
-    full_batches = per_rank // cfg.batch_size + (per_rank % cfg.batch_size > 1)
-    steps_per_epoch = math.ceil(full_batches / cfg.accum_steps)
+    val_loader = DataLoader(val_data, batch_size=cfg.batch_size * 2, sampler=val_sampler, num_workers=cfg.workers,
+                            collate_fn=collate_skip, pin_memory=pin, persistent_workers=cfg.workers > 0)
+    return train_loader, val_loader, train_sampler
 
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    dtype = amp_dtype(cfg.amp, env.device)
-    scaler = torch.amp.GradScaler(env.device.type) if dtype == torch.float16 else None
-    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    state = TrainState(model=model, raw_model=model, optimizer=optimizer, scheduler=scheduler,
-                       device=env.device, scaler=scaler, ema=ema, amp_dtype=dtype,
-                       channels_last=cfg.channels_last, accum_steps=cfg.accum_steps,
-                       label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm)
-    history: list[dict[str, Any]] = []
-    best_top1 = -1.0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            load_state_dict_checked(ema.module, ckpt["ema"], resume_path)
-        state.epoch, state.step = ckpt["epoch"], ckpt["step"]
-        state.epoch_step, state.epoch_samples = ckpt["epoch_step"], ckpt["epoch_samples"]
-        state.epoch_stats = dict(ckpt["epoch_stats"])
-        history = list(ckpt.get("history") or [])
-        best_top1 = float(ckpt.get("best_top1", -1.0))
-        rng = ckpt["rng"]
-        restore_rng(rng[env.rank] if env.rank < len(rng) else rng[0])
-        log.info("resuming from %s at epoch %d, step %d", resume_path, state.epoch + 1, state.step)
 
+def _restore(run: _Run, ckpt: dict[str, Any], path: Path | None) -> None:
+    """Optimizer, schedule, scaler, EMA, position in the epoch, history and random state of a checkpoint."""
+    state = run.state
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    if state.scaler is not None and ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if state.ema is not None and ckpt.get("ema") is not None:
+        load_state_dict_checked(state.ema.module, ckpt["ema"], path)
+    state.epoch, state.step = ckpt["epoch"], ckpt["step"]
+    state.epoch_step, state.epoch_samples = ckpt["epoch_step"], ckpt["epoch_samples"]
+    state.epoch_stats = dict(ckpt["epoch_stats"])
+    run.history = list(ckpt.get("history") or [])
+    run.best_top1 = float(ckpt.get("best_top1", -1.0))
+    rng = ckpt["rng"]
+    restore_rng(rng[run.env.rank] if run.env.rank < len(rng) else rng[0])
+    log.info("resuming from %s at epoch %d, step %d", path, state.epoch + 1, state.step)
+
+
+def _wrap_model(run: _Run) -> None:
+    """SyncBN and DDP across ranks, ``torch.compile`` if asked: what runs forward (never what is saved)."""
+    cfg, env, state = run.cfg, run.env, run.state
     if cfg.sync_bn and env.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        state.raw_model = model
+        state.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(state.raw_model)
+        state.model = state.raw_model
     if env.distributed:
         state.model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            state.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if cfg.compile:
         state.model = torch.compile(state.model)
 
+
+def _checkpoint(run: _Run) -> dict[str, Any]:
+    """Everything a resume needs, at the state's step (every rank's random state gathered)."""
+    state, cfg = run.state, run.cfg
+    rng = runtime.gather_objects(capture_rng())
+    return {
+        "format": CHECKPOINT_FORMAT, "model_name": cfg.model,
+        "config": dataclasses.asdict(state.raw_model.config),
+        "model": cpu_state_dict(state.raw_model),
+        "ema": cpu_state_dict(state.ema.module) if state.ema is not None else None,
+        "class_names": run.classes, "preprocessing": run.preprocessing.to_dict(),
+        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "epoch": state.epoch, "step": state.step, "epoch_step": state.epoch_step,
+        "epoch_samples": state.epoch_samples, "epoch_stats": dict(state.epoch_stats),
+        "rng": rng, "train_config": cfg.to_dict(), "history": run.history, "best_top1": run.best_top1,
+    }
+
+
+def _train(run: _Run, hooks: StepHooks) -> dict[str, Any]:
+    """The epochs: train, validate, record, checkpoint; a stop signal ends it after a save."""
+    cfg, env, state, out = run.cfg, run.env, run.state, run.out
     progress = (sys.stderr.isatty() if cfg.progress is None else cfg.progress) and env.is_main
     writer = open_tensorboard(out / "tensorboard", state.epoch, cfg.tensorboard) if env.is_main else None
-    n_params = sum(p.numel() for p in state.raw_model.parameters())
-    log.info("training %s (%.1fM parameters) on %s: %d train / %d val images, %d classes, %d epochs, "
-             "batch %d x %d rank(s), %s, amp %s", cfg.model, n_params / 1e6, cfg.data, len(splits.train),
-             len(splits.val), len(classes), cfg.epochs, cfg.batch_size, env.world_size, env.device,
-             {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off"))
-
-    def checkpoint_dict() -> dict[str, Any]:
-        rng = D.gather_objects(capture_rng())
-        return {
-            "format": CHECKPOINT_FORMAT, "model_name": cfg.model,
-            "config": dataclasses.asdict(state.raw_model.config),
-            "model": cpu_state_dict(state.raw_model),
-            "ema": cpu_state_dict(ema.module) if ema is not None else None,
-            "class_names": classes, "preprocessing": preprocessing.to_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": state.epoch, "step": state.step, "epoch_step": state.epoch_step,
-            "epoch_samples": state.epoch_samples, "epoch_stats": dict(state.epoch_stats),
-            "rng": rng, "train_config": cfg.to_dict(), "history": history, "best_top1": best_top1,
-        }
-
     schedule = RecoverySchedule(cfg.save_interval, state.step) if cfg.save_interval else None
 
     def save_last() -> None:
-        ckpt_obj = checkpoint_dict()
+        ckpt = _checkpoint(run)
         if env.is_main:
-            save_checkpoint(ckpt_obj, out / "last.pt")
+            save_checkpoint(ckpt, out / "last.pt")
         if schedule is not None:
             schedule.saved(state.step)
 
@@ -357,28 +390,22 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
         save_last()
         log.info("saved %s at epoch %d, step %d", out / "last.pt", state.epoch + 1, state.step)
 
-    eval_model = ema.module if ema is not None else state.raw_model
+    eval_model = state.ema.module if state.ema is not None else state.raw_model
     with _StopFlag() as stop:
         while state.epoch < cfg.epochs:
-            train_sampler.set_epoch(state.epoch, start=state.epoch_samples)
-            result = train_one_epoch(state, train_loader, should_stop=lambda: stop.signum is not None,
+            run.train_sampler.set_epoch(state.epoch, start=state.epoch_samples)
+            result = train_one_epoch(state, run.train_loader, should_stop=lambda: stop.signum is not None,
                                      save_due=schedule.due if schedule is not None else lambda step: False,
                                      save=recovery_save, hooks=hooks, progress=progress)
             if result.interrupted:
                 save_last()
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, out / "last.pt")
-            val = evaluate(eval_model, val_loader, num_classes=len(classes), device=env.device,
-                           amp_dtype=dtype, channels_last=cfg.channels_last, progress=progress)
-            metrics = {
-                "epoch": state.epoch + 1, "step": state.step, "train_loss": result.train_loss,
-                "train_top1": result.train_top1, "val_loss": val["loss"], "val_top1": val["top1"],
-                "val_top5": val["top5"], "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": result.images_per_s, "epoch_time_s": state.epoch_stats["seconds"],
-                "skipped_images": result.skipped + val["skipped"], "ema": ema is not None,
-            }
-            history.append(metrics)
-            is_best = val["top1"] > best_top1
-            best_top1 = max(best_top1, val["top1"])
+            val = evaluate(eval_model, run.val_loader, num_classes=len(run.classes), device=env.device,
+                           amp_dtype=state.amp_dtype, channels_last=cfg.channels_last, progress=progress)
+            metrics = _epoch_metrics(state, result, val)
+            run.history.append(metrics)
+            is_best = val["top1"] > run.best_top1
+            run.best_top1 = max(run.best_top1, val["top1"])
             state.epoch += 1
             state.epoch_step, state.epoch_samples = 0, 0
             state.epoch_stats = {k: 0.0 for k in state.epoch_stats}
@@ -386,18 +413,30 @@ def _fit(cfg: TrainConfig, env: D.DistEnv, hooks: StepHooks) -> dict[str, Any]:
             if env.is_main:
                 if is_best:
                     _link_or_copy(out / "last.pt", out / "best.pt")
-                write_metrics(out, history, writer)
-                log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.2f%%  val_top5 %.2f%%  "
-                         "lr %.3g  %.1f img/s%s", metrics["epoch"], cfg.epochs, metrics["train_loss"],
-                         metrics["val_loss"], 100 * metrics["val_top1"], 100 * metrics["val_top5"],
-                         metrics["lr"], metrics["images_per_s"],
-                         f"  ({metrics['skipped_images']} unreadable images skipped)"
-                         if metrics["skipped_images"] else "")
+                write_metrics(out, run.history, writer)
+                _log_epoch(metrics, cfg.epochs)
             if stop.signum is not None:
                 raise TrainingInterrupted(stop.signum, out / "last.pt")
     if writer is not None:
         writer.close()
-    return _summary(out, state.epoch, state.step, best_top1, history, classes)
+    return _summary(out, state.epoch, state.step, run.best_top1, run.history, run.classes)
+
+
+def _epoch_metrics(state: TrainState, result, val: dict[str, Any]) -> dict[str, Any]:
+    """The line ``metrics.jsonl`` gets for the epoch just trained and validated."""
+    return {
+        "epoch": state.epoch + 1, "step": state.step, "train_loss": result.train_loss,
+        "train_top1": result.train_top1, "val_loss": val["loss"], "val_top1": val["top1"],
+        "val_top5": val["top5"], "lr": state.optimizer.param_groups[0]["lr"],
+        "images_per_s": result.images_per_s, "epoch_time_s": state.epoch_stats["seconds"],
+        "skipped_images": result.skipped + val["skipped"], "ema": state.ema is not None,
+    }
+
+
+def _log_epoch(m: dict[str, Any], epochs: int) -> None:
+    log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.2f%%  val_top5 %.2f%%  lr %.3g  %.1f img/s%s",
+             m["epoch"], epochs, m["train_loss"], m["val_loss"], 100 * m["val_top1"], 100 * m["val_top5"], m["lr"],
+             m["images_per_s"], f"  ({m['skipped_images']} unreadable images skipped)" if m["skipped_images"] else "")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -68,7 +68,7 @@ def load_pretrained(name: str | None, source: str | os.PathLike | WeightFile, **
 
     The model comes back in training mode, as ``create_model`` builds it; call ``.eval()`` to infer.
     A file ``xception quantize`` wrote gives the fp32 model with its calibration attached as
-    ``model.int8_calibration`` (see :func:`xception.inference.quantize.int8_model`).
+    ``model.int8_calibration`` (see :func:`xception.deploy.int8.int8_model`).
     Its ``class_names`` attribute holds the file's class names (ImageNet's for a 1000-class Keras or
     timm-layout file; None if it records none), its ``preprocessing`` the
     :class:`~xception.Preprocessing` its inputs need.
