@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "xception"
 # Bottom to top; a module may import its own layer's modules and those below.
 LAYERS = [("fileio", "extras", "preprocessing", "runtime", "plotting"), ("models",), ("weights",), ("factory",),
-          ("data",), ("deploy",), ("inference",), ("training",), ("bench",), ("demo", "app"),
+          ("data",), ("deploy",), ("inference",), ("training",), ("serve",), ("bench",), ("demo", "app"),
           ("cli", "__main__")]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
@@ -116,9 +116,10 @@ def _layer(module: str) -> str:
     return module.split(".")[1] if "." in module else ""
 
 
-@pytest.mark.parametrize("wing,forbidden", [("data", {"training", "inference", "deploy", "bench"}),
-                                            ("deploy", {"training", "inference", "bench"}),
-                                            ("inference", {"training", "bench"}), ("training", {"bench"})])
+@pytest.mark.parametrize("wing,forbidden", [("data", {"training", "inference", "deploy", "bench", "serve"}),
+                                            ("deploy", {"training", "inference", "bench", "serve"}),
+                                            ("inference", {"training", "bench", "serve"}),
+                                            ("training", {"bench", "serve"}), ("serve", {"training", "bench"})])
 def test_each_wing_stays_out_of_the_ones_above(wing, forbidden):
     graph = _graph()
     bad = sorted(f"{m} -> {t}" for m in graph if _layer(m) == wing for t in _reach(m, graph) if _layer(t) in forbidden)

@@ -449,6 +449,51 @@ def add_app(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_app)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .extras import require
+
+    for module in ("starlette", "uvicorn", "prometheus_client", "multipart"):
+        require(module, "serve", "xception serve")
+    from .inference.classify import load_model
+    from .runtime import resolve_device
+    from .serve import ServeConfig, Service
+
+    load_model(args.weights, device="cpu", int8=False)  # a bad file is named here, before any worker starts
+    config = ServeConfig(weights=args.weights, device=str(resolve_device(args.device)), workers=args.workers,
+                         max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
+                         max_queue=args.max_queue, max_body_mb=args.max_body_mb, timeout_s=args.timeout,
+                         api_key=args.api_key or os.environ.get("XCEPTION_API_KEY") or None, compile=args.compile,
+                         threads=args.threads, image_size=args.image_size, crop_pct=args.crop_pct)
+    print(f"xception serve: loading {args.weights} in {args.workers} worker(s) for http://{args.host}:{args.port}",
+          flush=True)
+    Service(config).run(args.host, args.port, grace=args.grace)
+    return 0
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an HTTP inference service with dynamic batching (POST /predict, /health, "
+                                     "/metrics)")
+    _add_weights(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, default=1, help="inference processes, each holding the model")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-timeout-ms", type=float, default=10.0,
+                   help="how long the first request of a batch waits for others")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 503 at once")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (413 over it)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request is answered 504")
+    p.add_argument("--api-key", default=None, help="require this key (default: $XCEPTION_API_KEY; none: open)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on CUDA only)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: cores / workers)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
+    p.set_defaults(func=cmd_serve)
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from .inference.summary import model_summary
 
@@ -465,7 +510,7 @@ def add_summary(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_summary)
 
 
-SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_explain, add_shard, add_bench, add_quantize,
+SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_explain, add_serve, add_shard, add_bench, add_quantize,
                add_export, add_convert, add_models, add_summary, add_app]
 
 
