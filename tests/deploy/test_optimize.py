@@ -51,6 +51,16 @@ def test_eager_paths_every_model(name):
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn
 
 
+@pytest.mark.slow
+def test_compile_mode_same_function():
+    """optimize's default path on a CPU, mode "compile": Inductor with freezing on the folded,
+    channels-last seed model (one middle block: the others are the same code)."""
+    model = _model(middle_blocks=1, num_classes=7)
+    fast = optimize(model, mode="compile", dtype="fp32")
+    assert fast.mode == "compile"
+    _check(fast, model, torch.randn(2, 3, 41, 41), FP32)
+
+
 def test_seed_model_folds_every_batchnorm():
     folded = fold_batchnorms(_model(middle_blocks=0))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
