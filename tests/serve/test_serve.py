@@ -243,3 +243,18 @@ def test_serve_bad_weights_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "xception", "serve", "--weights", str(tmp_path / "none.safetensors"),
                         "--port", str(_free_port())], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "none.safetensors" in r.stderr
+
+
+def test_batches_are_padded_to_a_few_shapes():
+    from xception.serve.worker import batch_buckets, run_padded
+
+    assert batch_buckets(16) == [1, 2, 4, 8, 16] and batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(1) == [1]
+    seen = []
+
+    def model(x):
+        seen.append(x.shape[0])
+        return x.flatten(1).sum(1, keepdim=True)
+
+    x = torch.randn(5, 3, 2, 2)
+    out = run_padded(model, x, batch_buckets(16))
+    assert seen == [8] and out.shape == (5, 1) and torch.equal(out, x.flatten(1).sum(1, keepdim=True))

@@ -48,6 +48,22 @@ def fastest_path(model: torch.nn.Module, device: torch.device, compile: bool | N
     return optimize(model, device=device, dtype=dtype, mode=mode), f"{mode} {dtype}"
 
 
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """The batch sizes a worker runs: powers of two up to ``max_batch_size``, and that. A batch is
+    padded to the next one, so the compiled or traced graphs (one per input shape) stay few and are
+    all built at start-up, instead of one per batch size met under load."""
+    return sorted({1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size} | {max_batch_size})
+
+
+def run_padded(model: torch.nn.Module, images: torch.Tensor, buckets: list[int]) -> torch.Tensor:
+    """``model(images)``, the batch zero-padded to the next bucket size and the padding cut off."""
+    n = images.shape[0]
+    size = next((b for b in buckets if b >= n), n)
+    if size > n:
+        images = torch.cat([images, images.new_zeros(size - n, *images.shape[1:])])
+    return model(images)[:n]
+
+
 def worker_main(conn: Any, spec: WorkerSpec) -> None:
     """The worker process's body (started with the ``spawn`` method). Stop signals are the
     parent's to handle: it finishes the batches in flight, then closes the pipe."""
@@ -61,8 +77,11 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
         device = torch.device(spec.device)
         model = load_model(spec.weights, device="cpu", image_size=spec.image_size, crop_pct=spec.crop_pct, int8=False)
         fast, path = fastest_path(model, device, spec.compile)
+        buckets = batch_buckets(spec.max_batch_size)
+        if hasattr(fast.module, "MAX_FROZEN_SHAPES"):  # static int8 keeps a traced graph per shape: one per bucket
+            fast.module.MAX_FROZEN_SHAPES = len(buckets)
         size = model.preprocessing.image_size
-        for batch in sorted({1, spec.max_batch_size}):  # warm: compile / pack / trace for both ends
+        for batch in buckets:  # warm every shape a batch can take: compile / pack / trace now, not under load
             fast(torch.zeros(batch, 3, size, size))
         conn.send(("ready", {"class_names": list(model.class_names), "preprocessing": model.preprocessing.to_dict(),
                              "path": path, "model": model.model_name, "pid": os.getpid()}))
@@ -79,7 +98,7 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
         batch_id, images = message
         try:
             with torch.no_grad():
-                probs = fast(images).float().softmax(dim=1)
+                probs = run_padded(fast, images, buckets).float().softmax(dim=1)
             conn.send((batch_id, probs))
         except Exception as e:  # noqa: BLE001 - this batch fails, the worker stays
             conn.send((batch_id, f"{type(e).__name__}: {e}"))
