@@ -11,6 +11,7 @@ The package, from the bottom up (each layer imports only the ones above it in th
     deploy/                         the fast paths: folding, optimize, int8 and its CPU kernels, export
     inference/                      the user path: classify, predict, evaluate, explain, report, summary
     training/                       the loop, checkpoints, recipes, reports, fit
+    serve/                          the HTTP service: dynamic batching over worker processes
     bench/                          our fast paths against the peers (imported by the CLI only)
     demo, app, cli                  the main job, the web app and the command line
 """
