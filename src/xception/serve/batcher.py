@@ -3,8 +3,10 @@
 Requests queue as preprocessed images. The batcher takes the first one waiting, waits for a free
 worker, then gathers what else arrives within ``batch_timeout`` (up to ``max_batch_size``) and
 sends the batch: under load, batches fill while workers are busy; alone, a request waits at most
-``batch_timeout``. A worker that dies fails only the batch it held (:class:`WorkerDied`, a 5xx to
-those clients) and is started again; the others go on serving.
+``batch_timeout``. A worker that dies fails the batch it held (:class:`WorkerDied`, a 5xx to
+those clients) and is started again; the others go on serving. When it was the last ready one,
+the requests waiting for it fail at once too (:class:`NotReady`, a 503 with ``Retry-After``)
+rather than wait out the new worker's start-up.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class Batcher:
         self._free: asyncio.Condition | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
+        self._gathering: list[_Item] = []  # taken from the queue, waiting for a free worker
         self._stopping = False
 
     # --- life cycle -----------------------------------------------------------------------------
@@ -134,8 +137,8 @@ class Batcher:
     async def _run(self) -> None:
         while True:
             first = await self._queue.get()
+            batch = self._gathering = [first]
             worker = await self._free_worker()
-            batch = [first]
             deadline = self._loop.time() + self.batch_timeout
             while len(batch) < self.max_batch_size:
                 remaining = deadline - self._loop.time()
@@ -144,7 +147,8 @@ class Batcher:
                                  await asyncio.wait_for(self._queue.get(), remaining))
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
-            batch = [item for item in batch if not item.future.done()]  # a client that gave up
+            self._gathering = []
+            batch = [item for item in batch if not item.future.done()]  # a client that gave up, or failed
             if batch:
                 self._send(worker, batch)
 
@@ -224,6 +228,12 @@ class Batcher:
         log.warning("worker %d (pid %s) died with %d request(s) in hand: starting another", worker.index,
                     worker.pid, len(held))
         self._spawn(worker)
+        if not self.ready:  # nothing can answer before the new worker has loaded the model
+            waiting = self._gathering + self._drain()
+            for item in waiting:
+                _fail(item, NotReady("the inference worker is being restarted; retry"))
+            if waiting:
+                log.warning("failed %d waiting request(s) with 503 while the worker restarts", len(waiting))
 
     def _notify_free(self) -> None:
         async def notify() -> None:
