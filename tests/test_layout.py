@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "xception"
 # Bottom to top; a module may import its own layer's modules and those below.
 LAYERS = [("fileio", "extras", "preprocessing", "runtime", "plotting"), ("models",), ("weights",), ("factory",),
-          ("data",), ("deploy",), ("inference",), ("training",), ("serve",), ("bench",), ("demo", "app"),
+          ("data",), ("deploy",), ("inference",), ("training",), ("segmentation", "serve"), ("bench",), ("demo", "app"),
           ("cli", "__main__")]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 

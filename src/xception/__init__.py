@@ -11,6 +11,7 @@ The package, from the bottom up (each layer imports only the ones above it in th
     deploy/                         the fast paths: folding, optimize, int8 and its CPU kernels, export
     inference/                      the user path: classify, predict, evaluate, explain, report, summary
     training/                       the loop, checkpoints, recipes, reports, fit
+    segmentation/                   DeepLabv3+: model, TensorFlow DeepLab weights, train, mIoU, masks
     serve/                          the HTTP service: dynamic batching over worker processes
     bench/                          our fast paths against the peers (imported by the CLI only)
     demo, app, cli                  the main job, the web app and the command line
@@ -22,6 +23,7 @@ from .models import (AlignedXception, AlignedXceptionConfig, Block, FeatureExtra
 from .deploy import optimize
 from .inference.classify import Classifier, Explanation, Prediction, decode_predictions
 from .preprocessing import Preprocessing
+from .segmentation import DeepLabConfig, DeepLabV3Plus
 from .weights import load_pretrained, load_weights, save_safetensors
 from .weights.imagenet import imagenet_classes
 
@@ -30,6 +32,8 @@ __all__ = [
     "AlignedXceptionConfig",
     "Block",
     "Classifier",
+    "DeepLabConfig",
+    "DeepLabV3Plus",
     "Explanation",
     "FeatureExtractor",
     "FeatureInfo",

@@ -510,8 +510,174 @@ def add_summary(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_summary)
 
 
+
+def _floats(value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def cmd_segment_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .segmentation.train import SegmentTrainConfig, fit
+    from .training.engine import NonFiniteLossError
+    from .training.trainer import TrainingInterrupted
+
+    fields = {f.name for f in dataclasses.fields(SegmentTrainConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "scale_range" in options:
+        options["scale_range"] = tuple(options["scale_range"])
+    options["encoder_options"] = dict(options.get("encoder_options") or [])
+    try:
+        summary = fit(SegmentTrainConfig(**options))
+    except TrainingInterrupted as e:
+        print(f"xception segment train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except NonFiniteLossError as e:
+        print(f"xception segment train: error: {e}", file=sys.stderr)
+        return 1
+    if summary["last"] is not None and _is_rank0():
+        print(f"done: {summary['epochs']} epochs, val mIoU {100 * summary['last']['val_miou']:.2f}% (best "
+              f"{100 * summary['best_val_miou']:.2f}%), checkpoints in {summary['run_dir']}")
+    return 0
+
+
+def cmd_segment_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .segmentation.report import evaluate_split
+
+    result = evaluate_split(args.weights, args.data, split=args.split, output_stride=args.output_stride,
+                            scales=args.scales, flip=args.flip, device=args.device, report=args.report,
+                            progress=args.progress)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"mIoU {100 * result['miou']:.2f}%  pixel accuracy {100 * result['pixel_accuracy']:.2f}%  "
+              f"({result['images']} images, output stride {result['output_stride']}, scales {result['scales']}"
+              f"{', flip' if result['flip'] else ''})")
+        for name, iou in result["iou"].items():
+            print(f"  {name:>20}  {'-' if iou is None else f'{100 * iou:.2f}%'}")
+    return 0
+
+
+def cmd_segment_predict(args: argparse.Namespace) -> int:
+    from .runtime import resolve_device
+    from .segmentation.predict import predict_masks
+    from .segmentation.weights import load_deeplab
+
+    model = load_deeplab(args.weights, **({"output_stride": args.output_stride} if args.output_stride else {}))
+    results = predict_masks(model, args.images, args.out, scales=args.scales, flip=args.flip,
+                            device=resolve_device(args.device), overlay=args.overlay)
+    failed = 0
+    for r in results:
+        if r.error is not None:
+            failed += 1
+            print(f"{r.path}: error: {r.error}", file=sys.stderr)
+        else:
+            top = sorted(r.class_pixels.items(), key=lambda kv: -kv[1])[:3]
+            print(f"{r.path} -> {r.mask}  ({', '.join(f'{k} {v}' for k, v in top)} pixels)")
+    return 1 if failed else 0
+
+
+def cmd_segment_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .segmentation.predict import export_onnx
+    from .segmentation.weights import load_deeplab
+
+    if not Path(args.out).resolve().parent.is_dir():
+        raise FileNotFoundError(f"output folder {str(Path(args.out).parent)!r} does not exist")
+    model = load_deeplab(args.weights, **({"output_stride": args.output_stride} if args.output_stride else {}))
+    report = export_onnx(model, args.out, check=args.check)
+    errors = ", ".join(f"{size}: {e:.1e}" for size, e in report.errors.items())
+    print(f"wrote {report.path} (onnx, dynamic height and width)"
+          + (f"; relative error vs PyTorch: {errors}" if errors else ""))
+    return 0
+
+
+def cmd_segment_convert(args: argparse.Namespace) -> int:
+    from .segmentation.weights import load_deeplab, save_deeplab
+
+    model = load_deeplab(args.src, **({"backbone": args.backbone} if args.backbone else {}))
+    names = [n.strip() for n in open(args.class_names).read().splitlines() if n.strip()] if args.class_names else None
+    save_deeplab(model, args.dst, class_names=names)
+    print(f"{args.dst}: DeepLabv3+ {model.config.backbone}, {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters, {model.num_classes} classes")
+    return 0
+
+
+def add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="DeepLabv3+ semantic segmentation: train, eval (mIoU), predict, export, convert")
+    seg = p.add_subparsers(dest="segment_command", required=True, metavar="ACTION")
+
+    t = seg.add_parser("train", help="train DeepLabv3+ (the paper's recipe by default; torchrun-ready)")
+    t.add_argument("--data", required=True, help="a VOC tree or DATA/{train,val}/{images,masks}")
+    t.add_argument("--out", required=True, help="run directory (last.pt, best.pt, metrics.jsonl)")
+    t.add_argument("--backbone", default="xception65", choices=list_models())
+    t.add_argument("--encoder-weights", help="ImageNet weights of the backbone (.h5 / .pth / .safetensors)")
+    t.add_argument("--encoder-options", nargs="+", type=_kv, metavar="KEY=VALUE",
+                   help="backbone config, e.g. middle_blocks=4")
+    t.add_argument("--num-classes", type=int, help="default: the data's class names")
+    for name, kind in [("epochs", int), ("batch-size", int), ("lr", float), ("poly-power", float),
+                       ("weight-decay", float), ("crop-size", int), ("output-stride", int), ("seed", int),
+                       ("workers", int)]:
+        t.add_argument(f"--{name}", type=kind, help="default: the paper's")
+    t.add_argument("--scale-range", type=_floats, metavar="MIN,MAX", help="random scale (default 0.5,2.0)")
+    t.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder blocks (less memory)")
+    t.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None, help="SyncBN under torchrun")
+    t.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
+    t.add_argument("--device", default="auto")
+    t.add_argument("--resume", nargs="?", const="", metavar="CKPT",
+                   help="continue from OUT/last.pt (or CKPT); 'auto': if it exists, else start the run")
+    t.add_argument("--save-interval", metavar="N{min,steps}", help="also save OUT/last.pt inside an epoch")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    t.set_defaults(func=cmd_segment_train)
+
+    e = seg.add_parser("eval", help="mIoU, per-class IoU and pixel accuracy on a split")
+    e.add_argument("--weights", required=True, help="DeepLabv3+ .safetensors, a segment train checkpoint, or a "
+                   "TensorFlow DeepLab model.ckpt")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="val")
+    e.add_argument("--output-stride", type=int, choices=[8, 16])
+    e.add_argument("--scales", type=_floats, default=[1.0], metavar="S1,S2,...", help="e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
+    e.add_argument("--flip", action="store_true", help="also the mirrored images")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--report", metavar="DIR", help="write the per-class table and a gallery of the worst images")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    e.set_defaults(func=cmd_segment_eval)
+
+    r = seg.add_parser("predict", help="palette PNG masks and overlays of images")
+    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    r.add_argument("--weights", required=True)
+    r.add_argument("--out", required=True, help="folder for <stem>.png masks and <stem>_overlay.jpg")
+    r.add_argument("--output-stride", type=int, choices=[8, 16])
+    r.add_argument("--scales", type=_floats, default=[1.0], metavar="S1,S2,...")
+    r.add_argument("--flip", action="store_true")
+    r.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True)
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=cmd_segment_predict)
+
+    x = seg.add_parser("export", help="ONNX with dynamic batch, height and width, checked against PyTorch")
+    x.add_argument("--weights", required=True)
+    x.add_argument("--output-stride", type=int, choices=[8, 16])
+    x.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
+    x.add_argument("out", help="output .onnx file")
+    x.set_defaults(func=cmd_segment_export)
+
+    c = seg.add_parser("convert", help="a TensorFlow DeepLab checkpoint (or ours) to .safetensors")
+    c.add_argument("src", help="model.ckpt prefix, its .index or its folder; or one of our files")
+    c.add_argument("dst", help="output .safetensors")
+    c.add_argument("--backbone", help="encoder of the checkpoint (default xception65)")
+    c.add_argument("--class-names", metavar="FILE", help="one name a line (default: VOC's 21 or Cityscapes' 19)")
+    c.set_defaults(func=cmd_segment_convert)
+
+
 SUBCOMMANDS = [add_demo, add_train, add_eval, add_predict, add_explain, add_serve, add_shard, add_bench, add_quantize,
-               add_export, add_convert, add_models, add_summary, add_app]
+               add_export, add_convert, add_segment, add_models, add_summary, add_app]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -535,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         print("xception: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, MissingExtra) as e:
-        print(f"xception {args.command}: error: {e}", file=sys.stderr)
+        command = args.command + (f" {args.segment_command}" if getattr(args, "segment_command", None) else "")
+        print(f"xception {command}: error: {e}", file=sys.stderr)
         return 2
 
 

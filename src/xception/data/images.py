@@ -109,7 +109,7 @@ class Batch(NamedTuple):
     """The readable samples of a batch, stacked, and the ones that were not."""
 
     images: torch.Tensor  # (B, C, H, W); (0,) when none was readable
-    targets: torch.Tensor  # (B,) long
+    targets: torch.Tensor  # (B,) long; (B, H, W) masks for segmentation
     indices: torch.Tensor  # (B,) long: each sample's index in its dataset
     unreadable: list[tuple[int, Unreadable]]  # (index, why) of each sample left out
 
@@ -120,7 +120,9 @@ def collate_skip(samples: list[tuple[Any, int, int]]) -> Batch:
     bad = [(s[2], s[0]) for s in samples if isinstance(s[0], Unreadable)]
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad)
-    return Batch(torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.long),
+    targets = [s[1] for s in good]  # class indices, or masks (segmentation)
+    return Batch(torch.stack([s[0] for s in good]),
+                 torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets, dtype=torch.long),
                  torch.tensor([s[2] for s in good], dtype=torch.long), bad)
 
 

@@ -138,10 +138,26 @@ class XceptionModule(nn.Module):
         for layer in self.stack:
             tap = y
             y = layer(y)
-        if self.residual:
-            skip = x if self.shortcut is None else self.shortcut(x)
-            y = drop_path(y, self.drop_path, self.training) + skip
-        return y, tap  # (B, C_out, H/stride, W/stride), (B, C_mid, H, W)
+        return self._add_residual(x, y), tap  # (B, C_out, H/stride, W/stride), (B, C_mid, H, W)
+
+    def forward_with_conv2(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, output of stack.conv2)``: the second separable conv's output, before the ReLU
+        that follows it (DeepLabv3+'s decoder reads this map, not the activated one)."""
+        if self.norm is not None:
+            x = F.relu(self.norm(x))
+        y = x
+        conv2 = x
+        for name, layer in self.stack.named_children():
+            y = layer(y)
+            if name == "conv2":
+                conv2 = y  # (B, C_mid, H, W)
+        return self._add_residual(x, y), conv2
+
+    def _add_residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.residual:
+            return y
+        skip = x if self.shortcut is None else self.shortcut(x)
+        return drop_path(y, self.drop_path, self.training) + skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_tap(x)[0]

@@ -80,6 +80,7 @@ class TrainState:
     accum_steps: int = 1
     label_smoothing: float = 0.0
     max_grad_norm: float | None = None
+    ignore_index: int = -100  # targets left out of loss and accuracy (255 in segmentation masks)
     epoch: int = 0  # the epoch being (or next to be) trained, 0-based
     step: int = 0  # optimizer steps so far
     epoch_step: int = 0  # optimizer steps done in ``epoch``
@@ -88,7 +89,8 @@ class TrainState:
 
 
 def _zero_stats() -> dict[str, float]:
-    return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "skipped": 0.0, "seconds": 0.0}
+    # count: targets scored (images, or labelled pixels of masks); images: images trained on
+    return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "images": 0.0, "skipped": 0.0, "seconds": 0.0}
 
 
 @dataclass
@@ -108,6 +110,7 @@ class _Pending:
     loss_sum: float = 0.0
     correct: float = 0.0
     count: float = 0.0
+    images: float = 0.0
     skipped: float = 0.0
     samples: int = 0  # sampler items consumed, readable or not
     non_finite: bool = False
@@ -178,17 +181,23 @@ def _forward_backward(state: TrainState, batch, pending: _Pending, *, sync: bool
         return
     images = to_device(batch.images, dev, state.channels_last)
     targets = batch.targets.to(dev, non_blocking=True)
+    scored = targets != state.ignore_index  # (B,) or (B, H, W)
+    count = int(scored.sum().item())
     with no_sync() if (no_sync is not None and not sync) else nullcontext():
         with autocast(dev, state.amp_dtype):
             logits = model(images)
-            loss = F.cross_entropy(logits, targets, label_smoothing=state.label_smoothing)
+            loss = F.cross_entropy(logits, targets, label_smoothing=state.label_smoothing,
+                                   ignore_index=state.ignore_index)
+            if count == 0:  # every pixel ignored: the mean is 0 / 0; a zero loss keeps the gradients finite
+                loss = logits.sum() * 0.0
         scaled = loss / state.accum_steps
         (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
     loss_value = loss.item()
     pending.non_finite |= not math.isfinite(loss_value)
-    pending.loss_sum += loss_value * len(targets)
-    pending.correct += (logits.argmax(1) == targets).sum().item()
-    pending.count += len(targets)
+    pending.loss_sum += loss_value * count
+    pending.correct += ((logits.argmax(1) == targets) & scored).sum().item()
+    pending.count += count
+    pending.images += len(targets)
 
 
 def _optimizer_step(state: TrainState, pending: _Pending) -> None:
@@ -200,7 +209,7 @@ def _optimizer_step(state: TrainState, pending: _Pending) -> None:
         raise NonFiniteLossError(
             f"non-finite training loss at epoch {state.epoch + 1}, step {state.step + 1}: "
             "stopping (lower the learning rate or try --amp off); the last checkpoint is unchanged")
-    if pending.count == 0 and getattr(state.model, "no_sync", None) is None:
+    if pending.images == 0 and getattr(state.model, "no_sync", None) is None:
         return  # nothing readable in these batches: no step (under DDP every rank steps together)
     if state.scaler is not None and state.max_grad_norm:
         state.scaler.unscale_(opt)
@@ -222,22 +231,23 @@ def _commit(state: TrainState, pending: _Pending) -> None:
     """The step is done: its samples and statistics now belong to the epoch (and to a checkpoint)."""
     state.epoch_step += 1
     state.epoch_samples += pending.samples
-    for key in ("loss_sum", "correct", "count", "skipped"):
+    for key in ("loss_sum", "correct", "count", "images", "skipped"):
         state.epoch_stats[key] += getattr(pending, key)
 
 
 def _show_progress(bar, stats: dict[str, float], elapsed: float) -> None:
     if stats["count"]:
         bar.set_postfix(loss=f"{stats['loss_sum'] / stats['count']:.4f}", acc=f"{stats['correct'] / stats['count']:.3f}",
-                        img_s=f"{stats['count'] / max(elapsed, 1e-9):.1f}")
+                        img_s=f"{stats.get('images', stats['count']) / max(elapsed, 1e-9):.1f}")
 
 
 def _epoch_result(state: TrainState, interrupted: bool) -> EpochResult:
     """The epoch's loss, accuracy and speed, summed over ranks."""
     stats = state.epoch_stats
-    totals = all_reduce_sum(torch.tensor([stats["loss_sum"], stats["correct"], stats["count"], stats["skipped"]],
+    totals = all_reduce_sum(torch.tensor([stats["loss_sum"], stats["correct"], stats["count"], stats["skipped"],
+                                          stats.get("images", stats["count"])],
                                          dtype=torch.float64, device=state.device)).tolist()
     count = max(totals[2], 1.0)
-    return EpochResult(train_loss=totals[0] / count, train_top1=totals[1] / count, images=int(totals[2]),
-                       images_per_s=totals[2] / max(stats["seconds"], 1e-9), skipped=int(totals[3]),
+    return EpochResult(train_loss=totals[0] / count, train_top1=totals[1] / count, images=int(totals[4]),
+                       images_per_s=totals[4] / max(stats["seconds"], 1e-9), skipped=int(totals[3]),
                        interrupted=interrupted)

@@ -66,7 +66,7 @@ class TrainingInterrupted(Exception):
         self.signum = signum
 
 
-class _StopFlag:
+class StopSignals:
     """Records the first SIGINT/SIGTERM; a second SIGINT stops at once."""
 
     def __init__(self) -> None:
@@ -79,7 +79,7 @@ class _StopFlag:
         self.signum = signum
         log.warning("%s received: stopping after the current step", signal.Signals(signum).name)
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self)
@@ -333,7 +333,7 @@ def _restore(run: _Run, ckpt: dict[str, Any], path: Path | None) -> None:
         load_state_dict_checked(state.ema.module, ckpt["ema"], path)
     state.epoch, state.step = ckpt["epoch"], ckpt["step"]
     state.epoch_step, state.epoch_samples = ckpt["epoch_step"], ckpt["epoch_samples"]
-    state.epoch_stats = dict(ckpt["epoch_stats"])
+    state.epoch_stats = {"images": ckpt["epoch_stats"].get("count", 0.0), **ckpt["epoch_stats"]}
     run.history = list(ckpt.get("history") or [])
     run.best_top1 = float(ckpt.get("best_top1", -1.0))
     rng = ckpt["rng"]
@@ -391,7 +391,7 @@ def _train(run: _Run, hooks: StepHooks) -> dict[str, Any]:
         log.info("saved %s at epoch %d, step %d", out / "last.pt", state.epoch + 1, state.step)
 
     eval_model = state.ema.module if state.ema is not None else state.raw_model
-    with _StopFlag() as stop:
+    with StopSignals() as stop:
         while state.epoch < cfg.epochs:
             run.train_sampler.set_epoch(state.epoch, start=state.epoch_samples)
             result = train_one_epoch(state, run.train_loader, should_stop=lambda: stop.signum is not None,

@@ -1,0 +1,112 @@
+"""Smoke test of the TensorFlow DeepLabv3+ Xception-65 reference (tf_deeplab.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+# Before TensorFlow: loading triton (via torchvision) after TensorFlow segfaults; see tf_deeplab.
+import xception  # noqa: F401
+from xception.weights.tf_checkpoint import read_tf_checkpoint
+
+tf = pytest.importorskip("tensorflow")
+
+from segmentation import tf_deeplab as D  # noqa: E402
+
+NUM_CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def variables() -> dict[str, np.ndarray]:
+    return D.deeplab_variables(NUM_CLASSES, np.random.default_rng(0))
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.random.default_rng(1).uniform(-1.0, 1.0, (1, 67, 83, 3)).astype(np.float32)
+
+
+def test_variable_names_and_shapes(variables):
+    shapes = D.deeplab_variable_shapes(NUM_CLASSES)
+    assert len(shapes) == 732
+    assert {k: v.shape for k, v in variables.items()} == shapes
+    assert all(v.dtype == np.float32 for v in variables.values())
+    x = "xception_65"
+    unit = f"{x}/entry_flow/block1/unit_1/xception_module"
+    expected = {
+        f"{x}/entry_flow/conv1_1/weights": (3, 3, 3, 32),
+        f"{x}/entry_flow/conv1_1/BatchNorm/gamma": (32,),
+        f"{x}/entry_flow/conv1_2/weights": (3, 3, 32, 64),
+        f"{unit}/separable_conv1_depthwise/depthwise_weights": (3, 3, 64, 1),
+        f"{unit}/separable_conv1_depthwise/BatchNorm/moving_variance": (64,),
+        f"{unit}/separable_conv1_pointwise/weights": (1, 1, 64, 128),
+        f"{unit}/shortcut/weights": (1, 1, 64, 128),
+        f"{unit}/shortcut/BatchNorm/beta": (128,),
+        f"{x}/middle_flow/block1/unit_16/xception_module/separable_conv3_pointwise/weights": (1, 1, 728, 728),
+        f"{x}/exit_flow/block1/unit_1/xception_module/separable_conv2_pointwise/weights": (1, 1, 728, 1024),
+        f"{x}/exit_flow/block1/unit_1/xception_module/shortcut/weights": (1, 1, 728, 1024),
+        f"{x}/exit_flow/block2/unit_1/xception_module/separable_conv1_depthwise/depthwise_weights": (3, 3, 1024, 1),
+        f"{x}/exit_flow/block2/unit_1/xception_module/separable_conv3_pointwise/weights": (1, 1, 1536, 2048),
+        "image_pooling/weights": (1, 1, 2048, 256),
+        "aspp0/weights": (1, 1, 2048, 256),
+        "aspp3_depthwise/depthwise_weights": (3, 3, 2048, 1),
+        "aspp3_pointwise/weights": (1, 1, 2048, 256),
+        "concat_projection/weights": (1, 1, 1280, 256),
+        "decoder/feature_projection0/weights": (1, 1, 256, 48),
+        "decoder/decoder_conv0_depthwise/depthwise_weights": (3, 3, 304, 1),
+        "decoder/decoder_conv0_pointwise/weights": (1, 1, 304, 256),
+        "decoder/decoder_conv1_pointwise/BatchNorm/moving_mean": (256,),
+        "logits/semantic/weights": (1, 1, 256, NUM_CLASSES),
+        "logits/semantic/biases": (NUM_CLASSES,),
+    }
+    for name, shape in expected.items():
+        assert shapes[name] == shape, name
+    assert not any(k.endswith("/shortcut/weights") for k in shapes if "middle_flow" in k or "exit_flow/block2" in k)
+    assert [k for k in shapes if k.endswith("biases")] == ["logits/semantic/biases"]
+    assert sum(k.endswith("/BatchNorm/gamma") for k in shapes) == sum(k.endswith("weights") for k in shapes) - 1
+
+
+def test_unit_schedule():
+    os16 = D.unit_schedule(16)
+    os8 = D.unit_schedule(8)
+    assert len(os16) == len(os8) == 21
+    assert os16[:3] == os8[:2] + [("entry_flow/block3/unit_1", 2, 1)]
+    assert os8[2] == ("entry_flow/block3/unit_1", 1, 1)
+    assert os16[3:19] == [(f"middle_flow/block1/unit_{u}", 1, 1) for u in range(1, 17)]
+    assert os8[3:19] == [(f"middle_flow/block1/unit_{u}", 1, 2) for u in range(1, 17)]
+    assert os16[19:] == [("exit_flow/block1/unit_1", 1, 1), ("exit_flow/block2/unit_1", 1, 2)]
+    assert os8[19:] == [("exit_flow/block1/unit_1", 1, 2), ("exit_flow/block2/unit_1", 1, 4)]
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [((5, 6), (17, 21)), ((1, 1), (5, 6)), ((17, 21), (67, 83)), ((4, 4), (4, 4))])
+def test_float64_resize_is_tf_align_corners(n_in, n_out):
+    x = np.random.default_rng(2).standard_normal((2, *n_in, 3)).astype(np.float32)
+    want = tf.compat.v1.image.resize_bilinear(x, n_out, align_corners=True).numpy()
+    got = D._Net({}, np.float64).resize(tf.constant(x, tf.float64), n_out).numpy()
+    # TF's float32 kernel rounds the scale (in - 1) / (out - 1) to float32: ~1e-7 per source pixel
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_forward(variables, image, output_stride):
+    out = D.deeplab_forward_tf(variables, image, output_stride)
+    assert out.shape == (1, 67, 83, NUM_CLASSES) and out.dtype == np.float32
+    assert np.isfinite(out).all()
+    assert 0.3 < out.std() < 10, out.std()
+    # float32 with TF's own ResizeBilinear op agrees with the float64 pass
+    out32 = D.deeplab_forward_tf(variables, image, output_stride, dtype=np.float32)
+    assert np.abs(out32 - out).max() < 1e-3 * np.abs(out).max()
+    # not a constant map: the decoder and the final upsampling leave spatial structure
+    assert out.std(axis=(1, 2)).min() > 0.05 * out.std()
+
+
+def test_checkpoint_round_trip(variables, tmp_path):
+    prefix = str(tmp_path / "model.ckpt")
+    names = [*variables, "global_step"]
+    tensors = [tf.constant(v) for v in variables.values()] + [tf.constant(30000, tf.int64)]
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
+    got = read_tf_checkpoint(prefix)
+    assert set(got) == set(names)
+    for name, value in variables.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    assert got["global_step"] == 30000 and got["global_step"].dtype == np.int64
