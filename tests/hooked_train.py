@@ -1,6 +1,7 @@
 """Run the ``xception`` CLI with test hooks in the training loop (the library has none of its own).
 
     python tests/hooked_train.py [--samples DIR] [--sigterm-at STEP] [--sigkill-after STEP] -- train ARGS...
+    python tests/hooked_train.py [...] -- segment train ARGS...
 
 ``--samples DIR``: every rank appends ``{"epoch", "indices"}`` per batch to ``DIR/rank{RANK}.jsonl``.
 ``--sigterm-at STEP``: the process sends itself SIGTERM after optimizer step STEP.
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from xception.cli import main
+from xception.segmentation import train as segment_trainer
 from xception.training import trainer
 from xception.training.engine import StepHooks
 
@@ -50,6 +52,8 @@ if __name__ == "__main__":
     parser.add_argument("cli", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     cli_args = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
-    fit, step_hooks = trainer.fit, hooks(args.samples, args.sigterm_at, args.sigkill_after)
+    step_hooks = hooks(args.samples, args.sigterm_at, args.sigkill_after)
+    fit, segment_fit = trainer.fit, segment_trainer.fit
     trainer.fit = lambda cfg, hooks=None: fit(cfg, step_hooks)
+    segment_trainer.fit = lambda cfg, hooks=None: segment_fit(cfg, step_hooks)
     sys.exit(main(cli_args))

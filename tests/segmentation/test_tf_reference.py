@@ -7,11 +7,10 @@ import pytest
 
 # Before TensorFlow: loading triton (via torchvision) after TensorFlow segfaults; see tf_deeplab.
 import xception  # noqa: F401
-from xception.weights.tf_checkpoint import read_tf_checkpoint
 
 tf = pytest.importorskip("tensorflow")
 
-from segmentation import tf_deeplab as D  # noqa: E402
+from segmentation import tf_deeplab as D
 
 NUM_CLASSES = 5
 
@@ -78,7 +77,9 @@ def test_unit_schedule():
     assert os8[19:] == [("exit_flow/block1/unit_1", 1, 2), ("exit_flow/block2/unit_1", 1, 4)]
 
 
-@pytest.mark.parametrize(("n_in", "n_out"), [((5, 6), (17, 21)), ((1, 1), (5, 6)), ((17, 21), (67, 83)), ((4, 4), (4, 4))])
+@pytest.mark.parametrize(
+    ("n_in", "n_out"), [((5, 6), (17, 21)), ((1, 1), (5, 6)), ((17, 21), (67, 83)), ((4, 4), (4, 4))]
+)
 def test_float64_resize_is_tf_align_corners(n_in, n_out):
     x = np.random.default_rng(2).standard_normal((2, *n_in, 3)).astype(np.float32)
     want = tf.compat.v1.image.resize_bilinear(x, n_out, align_corners=True).numpy()
@@ -87,26 +88,5 @@ def test_float64_resize_is_tf_align_corners(n_in, n_out):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("output_stride", [16, 8])
-def test_forward(variables, image, output_stride):
-    out = D.deeplab_forward_tf(variables, image, output_stride)
-    assert out.shape == (1, 67, 83, NUM_CLASSES) and out.dtype == np.float32
-    assert np.isfinite(out).all()
-    assert 0.3 < out.std() < 10, out.std()
-    # float32 with TF's own ResizeBilinear op agrees with the float64 pass
-    out32 = D.deeplab_forward_tf(variables, image, output_stride, dtype=np.float32)
-    assert np.abs(out32 - out).max() < 1e-3 * np.abs(out).max()
-    # not a constant map: the decoder and the final upsampling leave spatial structure
-    assert out.std(axis=(1, 2)).min() > 0.05 * out.std()
-
-
-def test_checkpoint_round_trip(variables, tmp_path):
-    prefix = str(tmp_path / "model.ckpt")
-    names = [*variables, "global_step"]
-    tensors = [tf.constant(v) for v in variables.values()] + [tf.constant(30000, tf.int64)]
-    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
-    got = read_tf_checkpoint(prefix)
-    assert set(got) == set(names)
-    for name, value in variables.items():
-        np.testing.assert_array_equal(got[name], value, err_msg=name)
-    assert got["global_step"] == 30000 and got["global_step"].dtype == np.int64
+# The reference's forward pass (shape, a meaningful output) and its checkpoint written by TensorFlow
+# and read back are exercised by test_tf_fidelity.py, which compares our network with it.

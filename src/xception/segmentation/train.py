@@ -3,7 +3,7 @@
 ``fit(SegmentTrainConfig(data=..., out=...))`` is what ``xception segment train`` calls. The
 recipe by default: SGD with momentum 0.9, learning rate 0.007 on a poly schedule (power 0.9) over
 every step, weight decay 4e-5, crops of 513 after a random scale of 0.5-2.0 and a flip, batch 16,
-output stride 16, batch norm trained (SyncBN across ranks). Under ``torchrun`` each rank reads its
+output stride 16, batch norm trained (SyncBN across GPU ranks). Under ``torchrun`` each rank reads its
 share of every epoch::
 
     torchrun --nproc-per-node 2 -m xception segment train --data VOC --out run
@@ -226,7 +226,9 @@ def _setup_run(cfg: SegmentTrainConfig, env: runtime.DistEnv, out: Path, ckpt: d
     train_loader = DataLoader(IndexedDataset(train_set), batch_size=cfg.batch_size, sampler=train_sampler,
                               num_workers=cfg.workers, collate_fn=collate_skip,
                               drop_last=per_rank % cfg.batch_size == 1,  # a lone last sample would break batch norm
-                              persistent_workers=cfg.workers > 0)
+                              # its own generator: starting an epoch then draws nothing from the global
+                              # RNG (dropout's), so a resumed epoch continues the same random stream
+                              generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.workers > 0)
     val_loader = DataLoader(IndexedDataset(val_set), batch_size=1, num_workers=cfg.workers,
                             sampler=ShardSampler(len(val_set), num_replicas=env.world_size, rank=env.rank),
                             collate_fn=collate_skip)
@@ -267,8 +269,11 @@ def _wrap_model(run: _Run) -> None:
     """SyncBN and DDP across ranks: what runs forward (never what is saved)."""
     state, env = run.state, run.env
     if run.cfg.sync_bn and env.distributed:
-        state.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(state.raw_model)
-        state.model = state.raw_model
+        if env.device.type == "cpu":  # PyTorch's SyncBatchNorm runs on accelerators only
+            log.info("SyncBatchNorm needs GPUs: on the CPU each rank normalises over its own batch")
+        else:
+            state.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(state.raw_model)
+            state.model = state.raw_model
     if env.distributed:
         state.model = nn.parallel.DistributedDataParallel(
             state.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)

@@ -345,8 +345,11 @@ def _wrap_model(run: _Run) -> None:
     """SyncBN and DDP across ranks, ``torch.compile`` if asked: what runs forward (never what is saved)."""
     cfg, env, state = run.cfg, run.env, run.state
     if cfg.sync_bn and env.distributed:
-        state.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(state.raw_model)
-        state.model = state.raw_model
+        if env.device.type == "cpu":  # PyTorch's SyncBatchNorm runs on accelerators only
+            log.info("--sync-bn needs GPUs: on the CPU each rank normalises over its own batch")
+        else:
+            state.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(state.raw_model)
+            state.model = state.raw_model
     if env.distributed:
         state.model = nn.parallel.DistributedDataParallel(
             state.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)

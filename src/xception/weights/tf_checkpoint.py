@@ -38,6 +38,7 @@ the file and, where there is one, the variable.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -369,7 +370,7 @@ def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
             starts[start] = shared
     except _Truncated:
         raise ValueError(f"the {what} has a malformed entry") from None
-    if any(starts.get(r) != 0 for r in restarts):
+    if entries and any(starts.get(r) != 0 for r in restarts):
         raise ValueError(f"the {what} has a restart point that is not a whole key")
     return entries
 
@@ -399,7 +400,7 @@ def _read_sstable(data: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
             raise ValueError(f"corrupt handle of data block {n}") from None
         what = f"data block {n}"
         entries += _block_entries(_read_block(data, off, size, what), what)
-    for (a, _), (b, _) in zip(entries, entries[1:]):
+    for (a, _), (b, _) in itertools.pairwise(entries):
         if not a < b:
             raise ValueError(f"keys out of order ({a!r} before {b!r})")
     return entries, len(index)
@@ -479,7 +480,9 @@ def _load_index(path: str | os.PathLike) -> _Index:
                 "does not support (restore it with TensorFlow and save it whole)"
             )
         if not 0 <= entry.shard_id < header.num_shards:
-            raise ValueError(f"{index_path}: variable {name!r} names data shard {entry.shard_id} of {header.num_shards}")
+            raise ValueError(
+                f"{index_path}: variable {name!r} names data shard {entry.shard_id} of {header.num_shards}"
+            )
         entries[name] = entry
     if slice_keys:
         raise ValueError(f"{index_path}: {slice_keys} partitioned-variable slice entries (not supported)")
