@@ -247,10 +247,11 @@ def compile_and_check(model: nn.Module, backend: str, batches: tuple[int, ...] =
 
 # Inductor's code generation is checked on the seed model (optimize(mode="compile") in
 # tests/deploy/test_optimize.py): the aligned models use the same layer kinds (conv, BN, ReLU, add)
-# and each costs about a minute of compiling on 2 cores; Dynamo's capture of each is checked here.
+# and each costs about a minute of compiling on 2 cores. Dynamo's capture is checked here on the
+# seed model, xception41 and xception41p: the deeper aligned models repeat their blocks.
 
 
-@pytest.mark.parametrize("name", [*EXPORT_FAST, *DEEP])
+@pytest.mark.parametrize("name", EXPORT_FAST)
 def test_torch_compile_fullgraph(build, model_of, name):
     """Dynamo captures the whole forward in one graph, with a dynamic batch (no code generation;
     the seed model also through AOT autograd's forward graph)."""
