@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import runtime
@@ -41,7 +40,6 @@ from ..training.checkpoint import (
     RecoverySchedule,
     capture_rng,
     cpu_state_dict,
-    restore_rng,
     save_checkpoint,
     seed_everything,
 )
@@ -49,16 +47,17 @@ from ..training.engine import StepHooks, TrainState, train_one_epoch
 from ..training.trainer import (
     StopSignals,
     TrainingInterrupted,
-    _link_or_copy,
-    _remove_stale_temps,
+    checkpoint_to_resume,
+    distribute,
+    link_or_copy,
+    remove_stale_temps,
+    restore_progress,
 )
 from .evaluate import evaluate_segmentation
 from .model import DeepLabConfig, DeepLabV3Plus
 from .weights import DEEPLAB_PREPROCESSING, SEGMENTATION_CHECKPOINT_FORMAT, load_encoder
 
 log = logging.getLogger(__name__)
-
-AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,7 @@ def fit(cfg: SegmentTrainConfig, hooks: StepHooks | None = None) -> dict[str, An
 
 def _fit(cfg: SegmentTrainConfig, env: runtime.DistEnv, hooks: StepHooks) -> dict[str, Any]:
     out = Path(cfg.out)
-    ckpt, resume_path = None, _checkpoint_to_resume(cfg, out)
+    ckpt, resume_path = None, checkpoint_to_resume(cfg.resume, out)
     if resume_path is not None:
         ckpt = _load_checkpoint(resume_path)
         cfg = _resume_config(cfg, ckpt, resume_path)
@@ -155,20 +154,12 @@ def _fit(cfg: SegmentTrainConfig, env: runtime.DistEnv, hooks: StepHooks) -> dic
         return _summary(out, ckpt["epoch"], ckpt["step"], ckpt.get("best_miou", -1.0), ckpt.get("history") or [])
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
-        _remove_stale_temps(out)
+        remove_stale_temps(out)
     run = _setup_run(cfg, env, out, ckpt)
     if ckpt is not None:
         _restore(run, ckpt, resume_path)
     _wrap_model(run)
     return _train(run, hooks)
-
-
-def _checkpoint_to_resume(cfg: SegmentTrainConfig, out: Path) -> Path | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == AUTO:
-        return out / "last.pt" if (out / "last.pt").is_file() else None
-    return Path(cfg.resume) if cfg.resume else out / "last.pt"
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
@@ -250,33 +241,14 @@ def _setup_run(cfg: SegmentTrainConfig, env: runtime.DistEnv, out: Path, ckpt: d
 
 
 def _restore(run: _Run, ckpt: dict[str, Any], path: Path | None) -> None:
-    state = run.state
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scheduler.load_state_dict(ckpt["scheduler"])
-    if state.scaler is not None and ckpt.get("scaler"):
-        state.scaler.load_state_dict(ckpt["scaler"])
-    state.epoch, state.step = ckpt["epoch"], ckpt["step"]
-    state.epoch_step, state.epoch_samples = ckpt["epoch_step"], ckpt["epoch_samples"]
-    state.epoch_stats = dict(ckpt["epoch_stats"])
+    restore_progress(run.state, ckpt, run.env.rank, path)
     run.history = list(ckpt.get("history") or [])
     run.best_miou = float(ckpt.get("best_miou", -1.0))
-    rng = ckpt["rng"]
-    restore_rng(rng[run.env.rank] if run.env.rank < len(rng) else rng[0])
-    log.info("resuming from %s at epoch %d, step %d", path, state.epoch + 1, state.step)
 
 
 def _wrap_model(run: _Run) -> None:
-    """SyncBN and DDP across ranks: what runs forward (never what is saved)."""
-    state, env = run.state, run.env
-    if run.cfg.sync_bn and env.distributed:
-        if env.device.type == "cpu":  # PyTorch's SyncBatchNorm runs on accelerators only
-            log.info("SyncBatchNorm needs GPUs: on the CPU each rank normalises over its own batch")
-        else:
-            state.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(state.raw_model)
-            state.model = state.raw_model
-    if env.distributed:
-        state.model = nn.parallel.DistributedDataParallel(
-            state.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    """SyncBN (on GPU ranks) and DDP across ranks: what runs forward (never what is saved)."""
+    distribute(run.state, run.env, sync_bn=run.cfg.sync_bn)
 
 
 def _checkpoint(run: _Run) -> dict[str, Any]:
@@ -330,7 +302,7 @@ def _train(run: _Run, hooks: StepHooks) -> dict[str, Any]:
             save_last()
             if env.is_main:
                 if is_best:
-                    _link_or_copy(out / "last.pt", out / "best.pt")
+                    link_or_copy(out / "last.pt", out / "best.pt")
                 text = "".join(json.dumps(m) + "\n" for m in run.history)
                 atomic_write(out / "metrics.jsonl", lambda f, text=text: f.write(text), mode="w")
                 log.info("epoch %d/%d  train_loss %.4f  val_mIoU %.2f%%  val_pixel_acc %.2f%%  %.1f img/s",

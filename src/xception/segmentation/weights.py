@@ -27,6 +27,7 @@ import torch
 
 from ..fileio import atomic_path
 from ..preprocessing import Preprocessing
+from ..data.segmentation import VOC_CLASSES
 from ..weights import load_weights, read_weights
 from ..weights.tf_checkpoint import read_tf_checkpoint
 from .model import DeepLabConfig, DeepLabV3Plus
@@ -263,9 +264,6 @@ def load_encoder(model: DeepLabV3Plus, path: str | os.PathLike) -> DeepLabV3Plus
     return model
 
 
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
 CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                       "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
                       "bicycle")

@@ -180,19 +180,20 @@ def _same_data(a: str | None, b: str) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def _checkpoint_to_resume(cfg: TrainConfig, out: Path) -> Path | None:
-    """The checkpoint ``cfg.resume`` names, or None for a new run (``auto`` without ``out/last.pt``)."""
-    if cfg.resume is None:
+def checkpoint_to_resume(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint ``resume`` names ("" = ``out/last.pt``), or None for a new run (``auto``
+    without ``out/last.pt``)."""
+    if resume is None:
         return None
-    if cfg.resume == AUTO:
+    if resume == AUTO:
         if (out / "last.pt").is_file():
             return out / "last.pt"
         log.info("--resume auto: no checkpoint at %s yet: starting a new run", out / "last.pt")
         return None
-    return Path(cfg.resume) if cfg.resume else out / "last.pt"
+    return Path(resume) if resume else out / "last.pt"
 
 
-def _remove_stale_temps(out: Path) -> None:
+def remove_stale_temps(out: Path) -> None:
     """Delete checkpoint temporaries that a killed save left behind (``fileio.atomic_path`` names them
     ``.NAME.XXXX.tmp``); a run directory holds one run, so none of them is being written now."""
     for name in ("last.pt", "best.pt"):
@@ -222,7 +223,7 @@ def fit(cfg: TrainConfig, hooks: StepHooks | None = None) -> dict[str, Any]:
 
 def _fit(cfg: TrainConfig, env: runtime.DistEnv, hooks: StepHooks) -> dict[str, Any]:
     out = Path(cfg.out)
-    ckpt, resume_path = None, _checkpoint_to_resume(cfg, out)
+    ckpt, resume_path = None, checkpoint_to_resume(cfg.resume, out)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
         cfg = _resume_config(cfg, ckpt, resume_path)
@@ -237,7 +238,7 @@ def _fit(cfg: TrainConfig, env: runtime.DistEnv, hooks: StepHooks) -> dict[str, 
     if error:
         raise OSError(error)
     if env.is_main:
-        _remove_stale_temps(out)
+        remove_stale_temps(out)
 
     run = _setup_run(cfg, env, out, ckpt, resume_path)
     if ckpt is not None:
@@ -324,37 +325,46 @@ def _loaders(cfg: TrainConfig, env: runtime.DistEnv, splits: DataSplits) -> tupl
 
 def _restore(run: _Run, ckpt: dict[str, Any], path: Path | None) -> None:
     """Optimizer, schedule, scaler, EMA, position in the epoch, history and random state of a checkpoint."""
-    state = run.state
+    restore_progress(run.state, ckpt, run.env.rank, path)
+    if run.state.ema is not None and ckpt.get("ema") is not None:
+        load_state_dict_checked(run.state.ema.module, ckpt["ema"], path)
+    run.history = list(ckpt.get("history") or [])
+    run.best_top1 = float(ckpt.get("best_top1", -1.0))
+
+
+def restore_progress(state: TrainState, ckpt: dict[str, Any], rank: int, path: Path | None) -> None:
+    """What any training checkpoint holds: optimizer, schedule, scaler, position in the epoch and
+    this rank's random state."""
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if state.scaler is not None and ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
-    if state.ema is not None and ckpt.get("ema") is not None:
-        load_state_dict_checked(state.ema.module, ckpt["ema"], path)
     state.epoch, state.step = ckpt["epoch"], ckpt["step"]
     state.epoch_step, state.epoch_samples = ckpt["epoch_step"], ckpt["epoch_samples"]
     state.epoch_stats = {"images": ckpt["epoch_stats"].get("count", 0.0), **ckpt["epoch_stats"]}
-    run.history = list(ckpt.get("history") or [])
-    run.best_top1 = float(ckpt.get("best_top1", -1.0))
     rng = ckpt["rng"]
-    restore_rng(rng[run.env.rank] if run.env.rank < len(rng) else rng[0])
+    restore_rng(rng[rank] if rank < len(rng) else rng[0])
     log.info("resuming from %s at epoch %d, step %d", path, state.epoch + 1, state.step)
 
 
 def _wrap_model(run: _Run) -> None:
     """SyncBN and DDP across ranks, ``torch.compile`` if asked: what runs forward (never what is saved)."""
-    cfg, env, state = run.cfg, run.env, run.state
-    if cfg.sync_bn and env.distributed:
+    distribute(run.state, run.env, sync_bn=run.cfg.sync_bn)
+    if run.cfg.compile:
+        run.state.model = torch.compile(run.state.model)
+
+
+def distribute(state: TrainState, env: runtime.DistEnv, *, sync_bn: bool) -> None:
+    """Under torchrun: SyncBN (if asked, on accelerators) and DDP around ``state.model``."""
+    if sync_bn and env.distributed:
         if env.device.type == "cpu":  # PyTorch's SyncBatchNorm runs on accelerators only
-            log.info("--sync-bn needs GPUs: on the CPU each rank normalises over its own batch")
+            log.info("SyncBatchNorm needs GPUs: on the CPU each rank normalises over its own batch")
         else:
             state.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(state.raw_model)
             state.model = state.raw_model
     if env.distributed:
         state.model = nn.parallel.DistributedDataParallel(
             state.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if cfg.compile:
-        state.model = torch.compile(state.model)
 
 
 def _checkpoint(run: _Run) -> dict[str, Any]:
@@ -415,7 +425,7 @@ def _train(run: _Run, hooks: StepHooks) -> dict[str, Any]:
             save_last()
             if env.is_main:
                 if is_best:
-                    _link_or_copy(out / "last.pt", out / "best.pt")
+                    link_or_copy(out / "last.pt", out / "best.pt")
                 write_metrics(out, run.history, writer)
                 _log_epoch(metrics, cfg.epochs)
             if stop.signum is not None:
@@ -442,7 +452,7 @@ def _log_epoch(m: dict[str, Any], epochs: int) -> None:
              m["images_per_s"], f"  ({m['skipped_images']} unreadable images skipped)" if m["skipped_images"] else "")
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` a copy of ``src`` atomically (a hard link where the file system allows)."""
     with atomic_path(dst) as tmp:
         os.unlink(tmp)
