@@ -274,7 +274,9 @@ def test_train_transform_keeps_image_and_mask_aligned():
             shifted = y.flip(-1)
             known = shifted != IGNORE
             assert (_classes_of(x)[known] == shifted[known]).float().mean() < 0.8
-    assert min(agreements) > 0.9, agreements  # only blended block borders may disagree
+    # Only pixels the bilinear resize blends at block borders may disagree: ~1% here. A mask resized
+    # with torch's plain "nearest" (up to a source pixel off its image) agrees on ~97%.
+    assert min(agreements) > 0.95 and sum(agreements) / len(agreements) > 0.985, agreements
 
 
 def test_train_transform_same_seed_same_sample_and_flips_half_the_time():

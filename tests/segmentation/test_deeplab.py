@@ -68,7 +68,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 
 def test_tf_names_cover_every_tensor_once():
-    model = DeepLabV3Plus(backbone="xception65", num_classes=21)
+    model = DeepLabV3Plus(backbone="xception65", num_classes=21, head_depthwise_bn=True)
     names = tf_variable_names(model)
     assert len(set(names.values())) == len(names)
     assert names["encoder.blocks.1.stack.conv2.bn_pw.running_var"] == \
@@ -76,16 +76,21 @@ def test_tf_names_cover_every_tensor_once():
     assert names["encoder.blocks.20.stack.conv3.conv_dw.weight"] == \
         "xception_65/exit_flow/block2/unit_1/xception_module/separable_conv3_depthwise/depthwise_weights"
     assert names["aspp.atrous.2.conv_pw.weight"] == "aspp3_pointwise/weights"
+    assert names["decoder.conv1.bn_dw.running_mean"] == "decoder/decoder_conv1_depthwise/BatchNorm/moving_mean"
     assert names["classifier.bias"] == "logits/semantic/biases"
     with pytest.raises(ValueError, match="xception41p"):
         tf_variable_names(DeepLabV3Plus(backbone="xception41p", num_classes=2))
+    with pytest.raises(ValueError, match="head_depthwise_bn=True"):  # the default head has no depthwise BN
+        tf_variable_names(DeepLabV3Plus(backbone="xception65", num_classes=21))
 
 
 def test_safetensors_round_trip_keeps_config_and_classes(tmp_path):
-    model = DeepLabV3Plus(backbone="xception", num_classes=3, encoder_options={"middle_blocks": 0}).eval()
+    model = DeepLabV3Plus(backbone="xception", num_classes=3, encoder_options={"middle_blocks": 0},
+                          head_depthwise_bn=True).eval()
     path = save_deeplab(model, tmp_path / "m.safetensors", class_names=["a", "b", "c"])
     loaded = load_deeplab(path, output_stride=8)
     assert loaded.class_names == ["a", "b", "c"] and loaded.config.output_stride == 8
+    assert loaded.config.head_depthwise_bn
     model.set_output_stride(8)
     x = torch.randn(1, 3, 40, 50)
     with torch.no_grad():

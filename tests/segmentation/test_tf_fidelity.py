@@ -56,7 +56,7 @@ def test_a_checkpoint_that_does_not_fit_names_every_variable(checkpoint, tmp_pat
     """(That every variable maps, and nothing is left over, the loads above show: load_deeplab
     reads with the same check and loads the state dict strictly.)"""
     _, variables = checkpoint
-    model = DeepLabV3Plus(backbone="xception65", num_classes=NUM_CLASSES)
+    model = DeepLabV3Plus(backbone="xception65", num_classes=NUM_CLASSES, head_depthwise_bn=True)
     # A variable of another shape, an extra one and a missing one: each named in the one error.
     broken = dict(variables)
     broken["aspp0/weights"] = np.zeros((1, 1, 2048, 128), np.float32)

@@ -12,6 +12,10 @@ Module names and computations follow TensorFlow DeepLab's ``xception_65`` model 
 checkpoints load exactly (``weights.read_deeplab_checkpoint``): batch-norm epsilon 1e-3 in the
 encoder and 1e-5 in ASPP and decoder, every bilinear resize with ``align_corners=True``, and the
 decoder reading the aligned Xception's second separable conv of the stride-4 block before its ReLU.
+One difference is a default: TensorFlow DeepLab puts BN + ReLU between the depthwise and the
+pointwise conv of every separable conv of ASPP and decoder; here that is ``head_depthwise_bn=True``
+(set when a TensorFlow checkpoint loads). New models default to depthwise, pointwise, then one
+BN + ReLU, which learns much faster from a random head (benchmarks/README.md, DeepLabv3+).
 ``set_output_stride`` re-dilates the same weights (train at 16, evaluate at 8).
 """
 
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.aligned import AlignedXception, SeparableConvBn
+from ..models.aligned import AlignedXception
 from ..models.layers import ConvBn, check_images, checkpoint_module
 from ..models.registry import build_model, list_models
 
@@ -43,6 +47,8 @@ class DeepLabConfig:
         in_chans: input image channels.
         aspp_channels, low_level_channels, decoder_channels: 256, 48, 256 in the paper.
         dropout: before the decoder (TensorFlow DeepLab keeps 0.9 of the ASPP output).
+        head_depthwise_bn: BN + ReLU after each depthwise conv of ASPP and decoder, as TensorFlow
+            DeepLab (its checkpoints need it); False: one BN + ReLU after the pointwise conv.
         head_bn_eps: batch-norm epsilon of ASPP and decoder (TensorFlow DeepLab's 1e-5).
         encoder_bn_eps: the encoder's (None: the backbone's default, 1e-3 for the aligned models).
         encoder_options: more options of the backbone's config, e.g. ``{"middle_blocks": 0}``.
@@ -56,6 +62,7 @@ class DeepLabConfig:
     low_level_channels: int = 48
     decoder_channels: int = 256
     dropout: float = 0.1
+    head_depthwise_bn: bool = False
     head_bn_eps: float = 1e-5
     encoder_bn_eps: float | None = None
     encoder_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -82,15 +89,34 @@ class DeepLabConfig:
         return cls(**values)
 
 
+class HeadSeparableConv(nn.Module):
+    """Depthwise 3x3 conv dilated by ``rate``, [BN, ReLU,] pointwise 1x1 conv, BN, ReLU."""
+
+    def __init__(self, in_chs: int, out_chs: int, rate: int, *, bn_eps: float, depthwise_bn: bool) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(in_chs, in_chs, 3, 1, rate, rate, groups=in_chs, bias=False)
+        self.bn_dw = nn.BatchNorm2d(in_chs, eps=bn_eps) if depthwise_bn else None
+        self.conv_pw = nn.Conv2d(in_chs, out_chs, 1, bias=False)
+        self.bn_pw = nn.BatchNorm2d(out_chs, eps=bn_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_dw(x)  # (B, C_in, H, W)
+        if self.bn_dw is not None:
+            x = F.relu(self.bn_dw(x))
+        return F.relu(self.bn_pw(self.conv_pw(x)))  # (B, C_out, H, W)
+
+
 class ASPP(nn.Module):
     """Image pooling, 1x1 conv and three atrous separable convs, concatenated in that order
     (the order TensorFlow DeepLab's ``concat_projection`` weights expect), projected by a 1x1 conv."""
 
-    def __init__(self, in_chs: int, channels: int, rates: tuple[int, ...], *, bn_eps: float) -> None:
+    def __init__(self, in_chs: int, channels: int, rates: tuple[int, ...], *, bn_eps: float,
+                 depthwise_bn: bool) -> None:
         super().__init__()
         self.pool = ConvBn(in_chs, channels, 1, 1, bn_eps=bn_eps, act=True)
         self.conv0 = ConvBn(in_chs, channels, 1, 1, bn_eps=bn_eps, act=True)
-        self.atrous = nn.ModuleList(SeparableConvBn(in_chs, channels, 1, r, bn_eps=bn_eps, act=True) for r in rates)
+        self.atrous = nn.ModuleList(HeadSeparableConv(in_chs, channels, r, bn_eps=bn_eps, depthwise_bn=depthwise_bn)
+                                    for r in rates)
         self.project = ConvBn(channels * (2 + len(rates)), channels, 1, 1, bn_eps=bn_eps, act=True)
 
     def set_rates(self, rates: tuple[int, ...]) -> None:
@@ -110,11 +136,12 @@ class Decoder(nn.Module):
     """Low-level features projected to 48 channels, concatenated after the upsampled ASPP output,
     two 3x3 separable convs."""
 
-    def __init__(self, aspp_chs: int, low_chs: int, low_proj: int, channels: int, *, bn_eps: float) -> None:
+    def __init__(self, aspp_chs: int, low_chs: int, low_proj: int, channels: int, *, bn_eps: float,
+                 depthwise_bn: bool) -> None:
         super().__init__()
         self.project = ConvBn(low_chs, low_proj, 1, 1, bn_eps=bn_eps, act=True)
-        self.conv0 = SeparableConvBn(aspp_chs + low_proj, channels, 1, 1, bn_eps=bn_eps, act=True)
-        self.conv1 = SeparableConvBn(channels, channels, 1, 1, bn_eps=bn_eps, act=True)
+        self.conv0 = HeadSeparableConv(aspp_chs + low_proj, channels, 1, bn_eps=bn_eps, depthwise_bn=depthwise_bn)
+        self.conv1 = HeadSeparableConv(channels, channels, 1, bn_eps=bn_eps, depthwise_bn=depthwise_bn)
 
     def forward(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=True)  # (B, 256, H/4, W/4)
@@ -154,11 +181,11 @@ class DeepLabV3Plus(nn.Module):
             low_chs = self.encoder.blocks[self.low_level_block].stack.conv2.conv_pw.out_channels
         else:
             low_chs = self.encoder.feature_info[self.low_level_tap]["num_chs"]
-        eps = config.head_bn_eps
+        head = {"bn_eps": config.head_bn_eps, "depthwise_bn": config.head_depthwise_bn}
         self.aspp = ASPP(self.encoder.num_features, config.aspp_channels, self.aspp_rates(config.output_stride),
-                         bn_eps=eps)
+                         **head)
         self.decoder = Decoder(config.aspp_channels, low_chs, config.low_level_channels, config.decoder_channels,
-                               bn_eps=eps)
+                               **head)
         self.classifier = nn.Conv2d(config.decoder_channels, config.num_classes, 1)
         self._init_head()
 
@@ -184,7 +211,9 @@ class DeepLabV3Plus(nn.Module):
                 elif isinstance(m, nn.BatchNorm2d):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.classifier.weight, 0.0, 0.01)  # TensorFlow DeepLab's: small logits, loss ~ log(classes)
+        # Not TensorFlow DeepLab's N(0, 0.01): logits that small scale the head's gradients by 0.01 and,
+        # with a random head, it learns several times slower (benchmarks/README.md, DeepLabv3+).
+        nn.init.xavier_uniform_(self.classifier.weight)
 
     # -- options that change after building -------------------------------------------------------
 

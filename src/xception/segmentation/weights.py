@@ -48,6 +48,9 @@ def tf_variable_names(model: DeepLabV3Plus) -> dict[str, str]:
     config = enc.config
     if not hasattr(config, "depth") or config.preact:
         raise ValueError(f"TensorFlow DeepLab checkpoints hold xception41/65/71 encoders, not {model.config.backbone!r}")
+    if not model.config.head_depthwise_bn:
+        raise ValueError("TensorFlow DeepLab has BN + ReLU after each depthwise conv of ASPP and decoder: "
+                         "build the model with head_depthwise_bn=True")
     scope = f"xception_{config.depth}"
     blocks = len(enc.blocks)
     entry = 5 if config.depth == 71 else 3
@@ -186,13 +189,15 @@ def load_deeplab(path: str | os.PathLike, **overrides: Any) -> DeepLabV3Plus:
     ``overrides``: :class:`DeepLabConfig` fields (e.g. ``output_stride=8``)."""
     if is_tf_checkpoint(path):
         num_classes = tf_checkpoint_num_classes(path)
-        config = DeepLabConfig(**{"num_classes": num_classes, **overrides})
+        config = DeepLabConfig(**{"num_classes": num_classes, "head_depthwise_bn": True, **overrides})
         model = DeepLabV3Plus(config)
         model.load_state_dict(read_deeplab_checkpoint(path, model))
         model.class_names = default_class_names(num_classes)
         model.preprocessing = DEEPLAB_PREPROCESSING
         return model
     state, config, class_names, preprocessing = _read_ours(Path(path))
+    # Files written before the option existed all have the depthwise BN.
+    config.setdefault("head_depthwise_bn", "decoder.conv0.bn_dw.weight" in state)
     config = {**config, **overrides}
     model = DeepLabV3Plus(DeepLabConfig.from_dict(config))
     _load_checked(model, state, path)
