@@ -73,6 +73,10 @@ def test_train_two_steps_then_eval_and_predict(tmp_path, capsys):
     m = rows[0]
     assert {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s"} <= m.keys()
     assert m["step"] == 2 and m["skipped_images"] == 1 and 0.0 <= m["val_top1"] <= 1.0 and m["val_top5"] == 1.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()  # written with or without TensorFlow
+    assert [(e.step, e.value) for e in events.Scalars("val_top1")] == [(1, pytest.approx(m["val_top1"]))]
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["model_name"] == "xception" and ckpt["class_names"] == ["cat", "dog"]
     assert ckpt["config"]["middle_blocks"] == 8 and ckpt["config"]["num_classes"] == 2
