@@ -174,9 +174,12 @@ def test_pointwise_kernel_rejects_what_does_not_fit(kernels):
         pw(_input((1, 24, 4, 4), 0, gen))
 
 
-def _model() -> nn.Module:
+MIDDLE = 2  # middle blocks: each adds 3 separable convs and a residual add, nothing new (the seed has 8)
+
+
+def _model(middle_blocks: int = MIDDLE) -> nn.Module:
     torch.manual_seed(0)
-    return randomize_batchnorm_(xception.create_model("xception", num_classes=10)).eval()
+    return randomize_batchnorm_(xception.create_model("xception", num_classes=10, middle_blocks=middle_blocks)).eval()
 
 
 def test_int8_graph_runs_every_depthwise_conv_on_our_kernel(kernels, one_thread):
@@ -185,20 +188,22 @@ def test_int8_graph_runs_every_depthwise_conv_on_our_kernel(kernels, one_thread)
     q = calibrate_static(model, [torch.randn(2, 3, 40, 40, generator=g) for _ in range(2)])
     depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]
     pointwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
-    assert with_cpu_kernels(q._quantized, pointwise=False)[1] == len(depthwise) == 34
+    separable = 6 + 3 * MIDDLE + 4  # entry 3 blocks x 2, middle x 3, exit 2 + 2
+    assert with_cpu_kernels(q._quantized, pointwise=False)[1] == len(depthwise) == separable
     fast, replaced = with_cpu_kernels(q._quantized, pointwise=True)
-    assert replaced == 34 + len(pointwise) == 34 + 38  # 34 separable + 4 skip 1x1 convs
-    assert sum(isinstance(m, Int8Pointwise) for m in fast.modules()) == 38
-    # the 12 residual adds (8 middle blocks, 4 with a skip conv) are folded into a 1x1 conv
-    assert sum(isinstance(m, Int8Pointwise) and m.add_scale is not None for m in fast.modules()) == 12
+    assert replaced == separable + len(pointwise) == 2 * separable + 4  # + 4 skip 1x1 convs
+    assert sum(isinstance(m, Int8Pointwise) for m in fast.modules()) == separable + 4
+    # every residual add (one per middle block, 4 with a skip conv) is folded into a 1x1 conv
+    assert sum(isinstance(m, Int8Pointwise) and m.add_scale is not None for m in fast.modules()) == MIDDLE + 4
     assert not [n for n in fast.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
     assert [n for n in q._quantized.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
     seven_bit = activation_qconfig() == "x86"  # the default uses the pointwise kernel with 7-bit activations
     assert q.graph() is not q._quantized
-    assert sum(isinstance(m, Int8Pointwise) for m in q.graph().modules()) == (38 if seven_bit else 0)
+    assert sum(isinstance(m, Int8Pointwise) for m in q.graph().modules()) == (separable + 4 if seven_bit else 0)
     ours = [m for m in fast.modules() if isinstance(m, Int8Depthwise)]
-    # every block but the first opens with a ReLU into a depthwise conv: folded into the kernel
-    assert len(ours) == 34 and sum(m.relu_in for m in ours) == 11
+    # every block but the first (2 entry, the middle ones, 1 exit) opens with a ReLU into a depthwise
+    # conv: folded into the kernel
+    assert len(ours) == separable and sum(m.relu_in for m in ours) == 2 + MIDDLE + 1
     assert not [n for n in fast.graph.nodes if n.op == "call_module" and type(fast.get_submodule(n.target)) is nn.ReLU]
     assert any(type(m) is nnq.Conv2d and m.groups > 1 for m in q._quantized.modules())  # the input graph kept
     x = torch.randn(2, 3, 40, 40, generator=g)

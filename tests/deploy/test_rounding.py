@@ -67,28 +67,32 @@ def test_input_moments_sum_what_the_conv_sees():
     torch.testing.assert_close(moments.moments["c"], 2 * rows.T @ rows, rtol=1e-5, atol=1e-5)  # fp32 per call
 
 
+MIDDLE = 2  # the seed's 8 middle blocks repeat the same convs
+POINTWISE = 6 + 3 * MIDDLE + 4 + 4  # one per separable conv (entry 6, middle 3 each, exit 4) + 4 skip convs
+
+
 @pytest.fixture(scope="module")
 def calibrated():
     if not cpu.load():
         pytest.skip(f"int8 CPU kernels unavailable: {cpu.unavailable_reason()}")
     torch.manual_seed(0)
-    model = randomize_batchnorm_(xception.create_model("xception", num_classes=10)).eval()
+    model = randomize_batchnorm_(xception.create_model("xception", num_classes=10, middle_blocks=MIDDLE)).eval()
     g = torch.Generator().manual_seed(3)
     return model, calibrate_static(model, [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)])
 
 
 def test_calibration_stores_7bit_weights_our_kernel_uses(calibrated, one_thread):
     """Every calibration stores the GPTQ-rounded 7-bit weights. Which kernel runs the 1x1 convs
-    depends on the CPU class: without int8 dot products (AVX2) activations are 7-bit and all 38 run
+    depends on the CPU class: without int8 dot products (AVX2) activations are 7-bit and all run
     on our GEMM with exactly the stored weights; with VNNI / AMX activations keep 8 bits and the
     1x1 convs stay on oneDNN (the stored weights unused). Either way a kernel graph built with the
     stored weights multiplies by them."""
     model, q = calibrated
     stored = {k for k in q.state if k.startswith("pointwise_int7.")}
-    assert len(stored) == 2 * 38  # every 1x1 conv: weight and scale
+    assert len(stored) == 2 * POINTWISE  # every 1x1 conv: weight and scale
     seven_bit = activation_qconfig() == "x86"
     ours = [m for m in q.graph().modules() if isinstance(m, Int8Pointwise)]
-    assert len(ours) == (38 if seven_bit else 0), f"{len(ours)} 1x1 convs on our kernel, activations {activation_qconfig()}"
+    assert len(ours) == (POINTWISE if seven_bit else 0), f"{len(ours)} 1x1 convs on our kernel, activations {activation_qconfig()}"
     graph, _ = with_cpu_kernels(q._quantized, pointwise=True, rounded=q._rounded)
     differ = 0
     for name, module in graph.named_modules():
@@ -97,7 +101,7 @@ def test_calibration_stores_7bit_weights_our_kernel_uses(calibrated, one_thread)
             assert torch.equal(module.weight_int7().int_repr().flatten(1), w)
             _, nearest = round_to_7bit(q._quantized.get_submodule(name).weight().dequantize().double().flatten(1))
             differ += not torch.equal(nearest, w)
-    assert differ == 38
+    assert differ == POINTWISE
     x = torch.randn(1, 3, 32, 32)
     again = StaticInt8(model, q.state, q.info)  # rebuilt from the stored state
     again.frozen = q.frozen = False
