@@ -243,14 +243,6 @@ def _as_mask(mask) -> tv_tensors.Mask:
     return tv_tensors.Mask(torch.as_tensor(values, dtype=torch.int64))
 
 
-def _resize_mask(mask: torch.Tensor, size: list[int]) -> tv_tensors.Mask:
-    """Nearest neighbour with pixel centres at +0.5, as the image's bilinear resize: the mask stays on
-    its image at any scale (torch's plain "nearest" shifts it by up to a source pixel; class indices
-    are never blended either way)."""
-    resized = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")
-    return tv_tensors.Mask(resized[0, 0].to(torch.int64))  # exact: float32 holds every index
-
-
 class SegmentationTrainTransform:
     """DeepLabv3+'s training augmentation of an image and its mask, together.
 
@@ -285,7 +277,9 @@ class SegmentationTrainTransform:
         scale = low + (high - low) * torch.rand((), generator=generator).item()
         size = [max(1, round(image.shape[-2] * scale)), max(1, round(image.shape[-1] * scale))]
         image = F.resize(image, size, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-        mask = _resize_mask(mask, size)
+        # nearest with pixel centres at +0.5, as the image's resize: the mask stays on its image (plain
+        # "nearest" shifts it by up to a source pixel); class indices are never blended either way
+        mask = F.resize(mask, size, interpolation=F.InterpolationMode.NEAREST_EXACT)
         crop_h, crop_w = self.crop_size
         padding = [0, 0, max(crop_w - size[1], 0), max(crop_h - size[0], 0)]  # left, top, right, bottom
         if any(padding):
