@@ -53,6 +53,12 @@ def test_resume_after_sigterm_is_bitwise(shapes, tmp_path, one_thread):
     metrics = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("straight", "stopped")]
     assert [json.loads(m)["val_miou"] for m in metrics[0]] == [json.loads(m)["val_miou"] for m in metrics[1]]
 
+    saved["model"].pop("classifier.bias")  # a checkpoint whose weights do not fit its model: named, in one line
+    torch.save(saved, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match=r"broken\.pt.*classifier\.bias") as err:
+        fit(SegmentTrainConfig(out=str(tmp_path / "again"), resume=str(tmp_path / "broken.pt"), **options))
+    assert "\n" not in str(err.value)
+
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_see_each_sample_once_per_epoch(shapes, tmp_path):

@@ -55,7 +55,13 @@ from ..training.trainer import (
 )
 from .evaluate import evaluate_segmentation
 from .model import DeepLabConfig, DeepLabV3Plus
-from .weights import DEEPLAB_PREPROCESSING, SEGMENTATION_CHECKPOINT_FORMAT, load_encoder
+from .weights import (
+    DEEPLAB_PREPROCESSING,
+    SEGMENTATION_CHECKPOINT_FORMAT,
+    head_depthwise_bn,
+    load_encoder,
+    load_state_checked,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +161,7 @@ def _fit(cfg: SegmentTrainConfig, env: runtime.DistEnv, hooks: StepHooks) -> dic
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         remove_stale_temps(out)
-    run = _setup_run(cfg, env, out, ckpt)
+    run = _setup_run(cfg, env, out, ckpt, resume_path)
     if ckpt is not None:
         _restore(run, ckpt, resume_path)
     _wrap_model(run)
@@ -193,7 +199,8 @@ def _datasets(cfg: SegmentTrainConfig, num_classes: int | None):
     return train, val
 
 
-def _setup_run(cfg: SegmentTrainConfig, env: runtime.DistEnv, out: Path, ckpt: dict[str, Any] | None) -> _Run:
+def _setup_run(cfg: SegmentTrainConfig, env: runtime.DistEnv, out: Path, ckpt: dict[str, Any] | None,
+               resume_path: Path | None) -> _Run:
     probe = SegmentationDataset(cfg.data, "train", num_classes=cfg.num_classes)
     class_names = probe.class_names
     num_classes = cfg.num_classes or (len(class_names) if class_names else None)
@@ -203,10 +210,11 @@ def _setup_run(cfg: SegmentTrainConfig, env: runtime.DistEnv, out: Path, ckpt: d
         class_names = None
     train_set, val_set = _datasets(cfg, num_classes)
     seed_everything(cfg.seed + env.rank)
-    model = DeepLabV3Plus(DeepLabConfig(backbone=cfg.backbone, num_classes=num_classes,
-                                        output_stride=cfg.output_stride, encoder_options=dict(cfg.encoder_options)))
+    head = {} if ckpt is None else {"head_depthwise_bn": head_depthwise_bn(ckpt["config"], ckpt["model"])}
+    model = DeepLabV3Plus(DeepLabConfig(backbone=cfg.backbone, num_classes=num_classes, output_stride=cfg.output_stride,
+                                        encoder_options=dict(cfg.encoder_options), **head))
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_state_checked(model, ckpt["model"], resume_path)
     elif cfg.encoder_weights:
         load_encoder(model, cfg.encoder_weights)
     model.set_grad_checkpointing(cfg.grad_checkpointing)

@@ -196,11 +196,9 @@ def load_deeplab(path: str | os.PathLike, **overrides: Any) -> DeepLabV3Plus:
         model.preprocessing = DEEPLAB_PREPROCESSING
         return model
     state, config, class_names, preprocessing = _read_ours(Path(path))
-    # Files written before the option existed all have the depthwise BN.
-    config.setdefault("head_depthwise_bn", "decoder.conv0.bn_dw.weight" in state)
-    config = {**config, **overrides}
+    config = {**config, "head_depthwise_bn": head_depthwise_bn(config, state), **overrides}
     model = DeepLabV3Plus(DeepLabConfig.from_dict(config))
-    _load_checked(model, state, path)
+    load_state_checked(model, state, path)
     model.class_names = class_names
     model.preprocessing = preprocessing
     return model
@@ -240,7 +238,13 @@ def _read_ours(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], lis
 SEGMENTATION_CHECKPOINT_FORMAT = "xception-deeplab-checkpoint"
 
 
-def _load_checked(model: DeepLabV3Plus, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+def head_depthwise_bn(config: dict[str, Any], state: dict[str, torch.Tensor]) -> bool:
+    """The head layout of a file of ours: as recorded, or, in files written before the option
+    existed, read from its tensors."""
+    return bool(config.get("head_depthwise_bn", "decoder.conv0.bn_dw.weight" in state))
+
+
+def load_state_checked(model: DeepLabV3Plus, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
