@@ -1,5 +1,5 @@
-"""Segmentation training: it resumes bit for bit after SIGTERM, and under torchrun each rank reads
-its share of every epoch."""
+"""Segmentation training: it learns (90% held-out mIoU on shapes), resumes bit for bit after
+SIGTERM, and under torchrun each rank reads its share of every epoch."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,37 @@ TINY = {"backbone": "xception", "encoder_options": {"middle_blocks": 0}, "device
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     return make_shapes(tmp_path_factory.mktemp("shapes"), train=24, val=8, size=48, seed=0)
+
+
+@pytest.mark.slow
+def test_training_on_shapes_reaches_90_percent_miou_held_out(tmp_path, one_thread):
+    # 64 steps of batch 4 from random init (~50 s on one thread); over seeds 0-3 the best epoch
+    # scored 91.4-93.1% and the last 91.0-92.1%
+    data = make_shapes(tmp_path / "shapes", train=32, val=8, size=128, radius=(0.15, 0.3), seed=0)
+    summary = fit(SegmentTrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=8, batch_size=4, crop_size=96,
+                                     lr=0.01, scale_range=(0.75, 1.5), **TINY))
+    assert summary["best_val_miou"] >= 0.90, summary["best_val_miou"]
+
+    # the masks `segment predict` writes for the held-out images with the best weights: mostly right
+    from PIL import Image
+
+    from xception.segmentation import load_deeplab
+    from xception.segmentation.predict import predict_masks
+
+    images = sorted((data / "val" / "images").iterdir())
+    results = predict_masks(load_deeplab(summary["best_pt"]), [str(p) for p in images], tmp_path / "masks",
+                            overlay=False)
+    right = total = 0
+    for image, result in zip(images, results):
+        predicted = np.asarray(Image.open(result.mask))
+        truth = np.asarray(Image.open(data / "val" / "masks" / image.name))
+        right, total = right + int((predicted == truth).sum()), total + truth.size
+    assert right / total >= 0.95, right / total
+
+
+def test_shapes_radius_checked(tmp_path):
+    with pytest.raises(ValueError, match="radius"):
+        make_shapes(tmp_path, radius=(0.3, 0.6))
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
