@@ -10,6 +10,7 @@ import torch
 from xception import list_models
 from xception.cli import main
 from xception.segmentation import DeepLabV3Plus, load_deeplab, save_deeplab
+from xception.segmentation.model import atrous_depthwise
 from xception.segmentation.synthetic import make_shapes
 from xception.segmentation.weights import tf_variable_names
 
@@ -50,6 +51,27 @@ def test_output_stride_changes_after_loading_with_the_same_weights(backbone):
     assert h8 >= 2 * h16 - 2 and w8 >= 2 * w16 - 2  # the encoder's map at stride 8, then 16
     assert torch.equal(y8, ref8)
     assert model.aspp.atrous[0].conv_dw.dilation == (6, 6)
+
+
+@pytest.mark.parametrize("rate,size,bias", [(6, (32, 32), False), (12, (33, 29), True), (18, (16, 16), False),
+                                             (36, (7, 40), True)])
+def test_atrous_depthwise_as_shifted_sums_equals_the_conv(rate, size, bias):
+    # the channels-last CPU path (rate >= size: taps that read only padding are left out)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 24, 3, 1, rate, rate, groups=24, bias=bias)
+    x = torch.randn(2, 24, *size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    calls = []
+    handle = conv.register_forward_hook(lambda *args: calls.append(1))
+    ours = atrous_depthwise(conv, x)
+    assert not calls  # the shifted sums ran, not the conv
+    handle.remove()
+    ref = conv(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours.square().sum(), (x, conv.weight)),
+                    torch.autograd.grad(ref.square().sum(), (x, conv.weight))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    contiguous = x.detach().contiguous()
+    assert torch.equal(atrous_depthwise(conv, contiguous), conv(contiguous))  # other layouts: the conv itself
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
