@@ -77,10 +77,14 @@ def start(name: str, weights: str, args: argparse.Namespace, api_key: str | None
         cmd = [sys.executable, "-m", "xception", "serve", "--weights", weights, "--port", str(port), "--device", "cpu",
                "--workers", str(args.workers), "--max-batch-size", str(args.max_batch_size),
                "--batch-timeout-ms", str(args.batch_timeout_ms), "--max-queue", "100000"]
+        if args.streams is not None:
+            cmd += ["--streams", str(args.streams)]
         if api_key:
             cmd += ["--api-key", api_key]
     else:
         cmd = [*PEERS[name], weights, str(port)]
+        if name == "triton":
+            cmd.append(str(args.triton_instances))
         if not Path(cmd[0]).exists():
             raise SystemExit(f"{name}: no interpreter at {cmd[0]} (run benchmarks/serve_peers/setup_triton_env.sh "
                              "or set XCEPTION_TRITON_PYTHON)")
@@ -524,6 +528,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--batch-timeout-ms", type=float, default=10.0)
+    ap.add_argument("--streams", type=int, default=None, help="our worker's --streams (default: its own)")
+    ap.add_argument("--triton-instances", type=int, default=os.cpu_count() or 1,
+                    help="Triton's model instances, each on cores / N threads (default: one per core, as our "
+                         "worker's streams)")
     ap.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (s)")
     ap.add_argument("--rss-every", type=float, default=10.0, help="seconds between memory samples")
     ap.add_argument("--faults", action="store_true", help="faults under load (ours only; see the docstring)")

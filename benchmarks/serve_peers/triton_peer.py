@@ -2,7 +2,11 @@
 ``nvidia-pytriton`` wheel ships) with its dynamic batcher, serving the same model on the same
 fastest path as ``xception serve``.
 
-    python benchmarks/serve_peers/triton_peer.py WEIGHTS PORT      # with the Triton env's python
+    python benchmarks/serve_peers/triton_peer.py WEIGHTS PORT [INSTANCES]   # with the Triton env's python
+
+INSTANCES (default 1): model instances in Triton's instance group, each running its batches on its
+own thread with cores / INSTANCES intra-op threads: Triton's way to run batches side by side, the
+peer of ``xception serve``'s streams (``serve_load.py --triton-instances``).
 
 Layout (all in this process's tree, so serve_load.py sees every process's memory):
 
@@ -34,6 +38,7 @@ import asyncio
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
@@ -69,8 +74,10 @@ def error(status: int, message: str) -> web.Response:
 
 def main() -> int:
     weights, port = sys.argv[1], int(sys.argv[2])
+    instances = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     threads = os.cpu_count() or 1  # as xception serve's one worker: every core
     torch.set_num_threads(threads)
+    per_instance = max(1, threads // instances)
 
     model = load_model(weights, device="cpu", int8=False)
     fast, path = fastest_path(model, torch.device("cpu"), compile=False)
@@ -84,8 +91,13 @@ def main() -> int:
     transform = model.preprocessing.eval_transform()
     class_names = list(model.class_names)
 
+    local = threading.local()
+
     @batch
     def infer(image: np.ndarray) -> dict[str, np.ndarray]:
+        if not getattr(local, "threads_set", False):  # intra-op threads are set per calling thread
+            torch.set_num_threads(per_instance)
+            local.threads_set = True
         with torch.no_grad():
             probs = run_padded(fast, torch.from_numpy(image), buckets).float().softmax(dim=1)
         return {"probs": probs.numpy()}
@@ -94,7 +106,7 @@ def main() -> int:
     triton = Triton(config=TritonConfig(http_address="127.0.0.1", http_port=ports[0], grpc_address="127.0.0.1",
                                         grpc_port=ports[1], metrics_address="127.0.0.1", metrics_port=ports[2],
                                         exit_timeout_secs=30, log_verbose=0))
-    triton.bind(model_name=MODEL, infer_func=infer,
+    triton.bind(model_name=MODEL, infer_func=[infer] * instances,  # a list: one model instance each
                 inputs=[Tensor(name="image", dtype=np.float32, shape=(3, size, size))],
                 outputs=[Tensor(name="probs", dtype=np.float32, shape=(len(class_names),))],
                 config=ModelConfig(max_batch_size=MAX_BATCH,

@@ -465,7 +465,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
                          max_queue=args.max_queue, max_body_mb=args.max_body_mb, timeout_s=args.timeout,
                          api_key=args.api_key or os.environ.get("XCEPTION_API_KEY") or None, compile=args.compile,
-                         threads=args.threads, image_size=args.image_size, crop_pct=args.crop_pct)
+                         threads=args.threads, streams=args.streams, image_size=args.image_size,
+                         crop_pct=args.crop_pct)
     print(f"xception serve: loading {args.weights} in {args.workers} worker(s) for http://{args.host}:{args.port}",
           flush=True)
     Service(config).run(args.host, args.port, grace=args.grace)
@@ -490,6 +491,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: cores / workers)")
+    p.add_argument("--streams", type=int, default=None,
+                   help="CPU: split each batch across this many threads of a worker, each with threads / streams "
+                        "intra-op threads (default: one stream per thread; 1: the whole batch on every thread)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
     p.set_defaults(func=cmd_serve)
 

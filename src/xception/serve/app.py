@@ -66,6 +66,7 @@ class ServeConfig:
     api_key: str | None = None
     compile: bool | None = None
     threads: int | None = None  # per worker; default: the cores shared out
+    streams: int | None = None  # per worker (CPU); default: one per thread (worker.StreamRunner)
     image_size: int | None = None
     crop_pct: float | None = None
     max_topk: int = 1000
@@ -76,8 +77,11 @@ class Service:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        if config.streams is not None and config.streams < 1:
+            raise ValueError(f"streams must be >= 1, got {config.streams}")
         threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
-        spec = WorkerSpec(weights=config.weights, device=config.device, threads=threads,
+        streams = config.streams or (threads if torch.device(config.device).type == "cpu" else 1)
+        spec = WorkerSpec(weights=config.weights, device=config.device, threads=threads, streams=streams,
                           max_batch_size=config.max_batch_size, compile=config.compile,
                           image_size=config.image_size, crop_pct=config.crop_pct)
         self.registry = CollectorRegistry()
