@@ -492,8 +492,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the model (default: on CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: cores / workers)")
     p.add_argument("--streams", type=int, default=None,
-                   help="CPU: split each batch across this many threads of a worker, each with threads / streams "
-                        "intra-op threads (default: one stream per thread; 1: the whole batch on every thread)")
+                   help="CPU: run the images of a batch on this many threads of a worker side by side, each with "
+                        "threads / streams intra-op threads (default: one per thread; 1: the whole batch on "
+                        "every thread)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
     p.set_defaults(func=cmd_serve)
 

@@ -271,6 +271,7 @@ def test_batches_are_padded_to_a_few_shapes():
 
 def test_streams_split_a_batch_across_threads_of_one_intra_op_thread_each():
     import threading
+    import time
 
     from xception.serve.worker import StreamRunner, batch_buckets
 
@@ -278,18 +279,26 @@ def test_streams_split_a_batch_across_threads_of_one_intra_op_thread_each():
 
     def model(x):
         calls.append((threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled(), x.shape[0]))
+        time.sleep(0.02)  # long enough that every stream takes parts
         return x.flatten(1).sum(1, keepdim=True)
 
+    x = torch.randn(7, 3, 2, 2)
     runner = StreamRunner(model, batch_buckets(16), streams=2, threads=2)
     try:
-        x = torch.randn(7, 3, 2, 2)
-        assert torch.equal(runner(x), x.flatten(1).sum(1, keepdim=True))  # parts in order, padding cut off
-        assert sorted(c[3] for c in calls) == [4, 4]  # 4 + 3 images, each part padded to a bucket of 4
+        assert torch.equal(runner(x), x.flatten(1).sum(1, keepdim=True))  # the parts in order
+        assert sorted(c[3] for c in calls) == [1] * 7  # parts of one image
         assert len({c[0] for c in calls}) == 2 and threading.get_ident() not in {c[0] for c in calls}
         assert all(c[1] == 1 and not c[2] for c in calls)  # one intra-op thread each, no autograd
         calls.clear()
-        runner(x[:1])  # smaller than the streams: whole, on the caller's thread and threads
+        runner(x[:1])  # a lone image: whole, on the caller's thread and threads
         assert calls == [(threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled(), 1)]
+    finally:
+        runner.close()
+    runner = StreamRunner(model, batch_buckets(16), streams=2, threads=2, part_size=3)
+    try:
+        calls.clear()
+        assert torch.equal(runner(x), x.flatten(1).sum(1, keepdim=True))
+        assert sorted(c[3] for c in calls) == [1, 4, 4]  # 3 + 3 + 1 images, padded to buckets
     finally:
         runner.close()
     with pytest.raises(ValueError, match="streams"):
