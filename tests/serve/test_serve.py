@@ -292,13 +292,16 @@ def test_streams_split_a_batch_across_threads_of_one_intra_op_thread_each():
         calls.clear()
         runner(x[:1])  # a lone image: whole, on the caller's thread and threads
         assert calls == [(threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled(), 1)]
+        assert runner.batch_sizes == [1]
     finally:
         runner.close()
+    assert StreamRunner(model, batch_buckets(16)).batch_sizes == [1, 2, 4, 8, 16]  # one stream: whole batches
     runner = StreamRunner(model, batch_buckets(16), streams=2, threads=2, part_size=3)
     try:
         calls.clear()
         assert torch.equal(runner(x), x.flatten(1).sum(1, keepdim=True))
         assert sorted(c[3] for c in calls) == [1, 4, 4]  # 3 + 3 + 1 images, padded to buckets
+        assert runner.batch_sizes == [1, 2, 4]  # what the worker warms up
     finally:
         runner.close()
     with pytest.raises(ValueError, match="streams"):

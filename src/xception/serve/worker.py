@@ -28,7 +28,7 @@ class WorkerSpec:
     weights: str
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"
     threads: int = 1  # intra-op threads (CPU)
-    streams: int = 1  # batches of >= streams images split across this many threads (CPU), see StreamRunner
+    streams: int = 1  # threads that run a batch's images side by side (CPU), see StreamRunner
     max_batch_size: int = 16
     compile: bool | None = None  # None: on CUDA only (minutes of compiling on a small CPU)
     image_size: int | None = None
@@ -89,6 +89,15 @@ class StreamRunner:
         self._pool = ThreadPoolExecutor(streams, thread_name_prefix="stream", initializer=torch.set_num_threads,
                                         initargs=(per_stream,)) if streams > 1 else None
 
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The batch sizes the model is called with: every bucket for a whole batch, else the buckets
+        a part (or a lone image) is padded to."""
+        if self._pool is None:
+            return list(self.buckets)
+        largest = next((b for b in self.buckets if b >= self.part_size), self.part_size)
+        return [b for b in self.buckets if b <= largest]
+
     def _part(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():  # grad mode is per thread
             return run_padded(self.model, images, self.buckets)
@@ -120,14 +129,13 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
         if hasattr(fast.module, "MAX_FROZEN_SHAPES"):  # static int8 keeps a traced graph per shape: one per bucket
             fast.module.MAX_FROZEN_SHAPES = len(buckets)
         size = model.preprocessing.image_size
-        for batch in buckets:  # warm every shape a batch can take: compile / pack / trace now, not under load
-            for _ in range(2):
-                fast(torch.zeros(batch, 3, size, size))
         runner = StreamRunner(fast, buckets, streams=spec.streams, threads=spec.threads)
-        runner(torch.zeros(spec.max_batch_size, 3, size, size))  # and every stream's thread
+        for batch in runner.batch_sizes:  # warm every shape the model will see: compile / pack / trace now,
+            for _ in range(2):  # not under load (TorchScript's executor specialises on the second run)
+                fast(torch.zeros(batch, 3, size, size))
+        runner(torch.zeros(spec.streams, 3, size, size))  # and the streams' threads
         conn.send(("ready", {"class_names": list(model.class_names), "preprocessing": model.preprocessing.to_dict(),
-                             "path": path, "model": model.model_name, "pid": os.getpid(),
-                             "streams": runner.streams}))
+                             "path": path, "model": model.model_name, "pid": os.getpid()}))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which names it and stops
         conn.send(("failed", f"{spec.weights}: {type(e).__name__}: {e}"))
         return
