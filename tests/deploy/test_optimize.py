@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from model_names import distinct_models
 from torch import nn
 
 import xception
@@ -36,7 +36,7 @@ def _check(fast: nn.Module, model: nn.Module, x: torch.Tensor, bound: float) -> 
     return err
 
 
-@pytest.mark.parametrize("name", xception.list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_eager_paths_every_model(name):
     model = _model(name)
     # small and odd: bf16 is emulated (slow) on CPUs without native bf16

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_names import distinct_models
 from torch import nn
 
 import xception
 from xception.bench.harness import randomize_batchnorm_
+from xception.deploy.int8.dynamic import Int8PointwiseConv, quantize_pointwise
 from xception.deploy.optimize import optimize
 from xception.deploy.parity import relative_error
-from xception.deploy.int8.dynamic import Int8PointwiseConv, quantize_pointwise
 
 BF16 = 2e-2  # int8 is held to the reduced-precision (bf16) parity bound
 
@@ -78,7 +79,7 @@ def _model(name: str) -> nn.Module:
     return randomize_batchnorm_(m, generator=torch.Generator().manual_seed(1)).eval()
 
 
-@pytest.mark.parametrize("name", xception.list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_int8_path_every_model(name):
     model = _model(name)
     x = torch.randn(2, 3, 29, 24)  # odd and even sides; small: int8 products are slow without VNNI

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_names import distinct_models
 
 import xception
 from xception import FeatureExtractor, create_model, list_models
@@ -36,7 +37,7 @@ def subsample(x: torch.Tensor, step: int) -> torch.Tensor:
     return x[..., ::step, ::step]
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_features_at_every_output_stride(name):
     """feature_info and map shapes at output stride 32/16/8; the same weights load at each, and the
     dilated maps hold the stride-32 values at every (32/os)-th position (the skips are consistent)."""
@@ -73,7 +74,7 @@ def test_features_at_every_output_stride(name):
                 torch.testing.assert_close(subsample(got, step), want, rtol=1e-4, atol=1e-4 * want.abs().max())
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_features_only_model(name):
     extractor = create_model(name, features_only=True, out_indices=(1, -1), output_stride=16)
     assert isinstance(extractor, FeatureExtractor)
@@ -115,7 +116,7 @@ def test_forward_intermediates_indices_and_stop_early():
     assert feature_take_indices(5, (-1, 0)) == ([0, 4], 4)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_backward_reaches_every_parameter(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=3, output_stride=16, drop_path_rate=0.1).train()

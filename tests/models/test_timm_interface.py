@@ -1,6 +1,6 @@
-"""timm's generic model checks on every registered model: forward, backward, TorchScript, feature
-maps, forward_intermediates (also with gradient checkpointing), FX feature extraction,
-torch.export and torch.compile(fullgraph=True).
+"""timm's generic model checks on each distinct registered architecture (``distinct_models``):
+forward, backward, TorchScript, feature maps, forward_intermediates (also with gradient
+checkpointing), FX feature extraction, torch.export and torch.compile(fullgraph=True).
 
 Small inputs (64 px, batch 1-3). torch.compile with Inductor, and torch.export of the deep aligned
 models, are marked slow; the seed model with one middle block keeps a fast variant of each.
@@ -13,9 +13,10 @@ import copy
 
 import pytest
 import torch
+from model_names import distinct_models
 from torch import nn
 
-from xception import Preprocessing, create_model, list_models
+from xception import Preprocessing, create_model
 
 timm = pytest.importorskip("timm")
 feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
@@ -74,7 +75,7 @@ def fx_extractor(model: nn.Module, nodes: list[str]) -> nn.Module:
                        "autowrap_functions": timm.layers.get_notrace_functions()})
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_forward(model_of, name):
     model = model_of(name)
     x = images()
@@ -89,7 +90,7 @@ def test_forward(model_of, name):
     assert not torch.allclose(out[0], out[1])  # the output depends on the input
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_backward_reaches_every_parameter(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=42).train()
@@ -102,7 +103,7 @@ def test_backward_reaches_every_parameter(name):
 
 
 @pytest.mark.filterwarnings("ignore:.torch.jit.script. is deprecated:FutureWarning")
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_torchscript(model_of, name):
     model = model_of(name)
     model.class_names = [f"class {i}" for i in range(1000)]  # what the weight loaders attach
@@ -123,7 +124,7 @@ def test_torchscript(model_of, name):
             w -= 1.0
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_features_only(name):
     extractor = create_model(name, features_only=True).eval()
     assert extractor.feature_info.channels() == [d["num_chs"] for d in extractor.model.feature_info]
@@ -136,7 +137,7 @@ def test_features_only(name):
     assert [tuple(m.shape) for m in maps] == want
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_forward_intermediates_equal_forward_features(model_of, name):
     model = model_of(name)
     x = images()
@@ -149,7 +150,7 @@ def test_forward_intermediates_equal_forward_features(model_of, name):
     assert torch.equal(only[0], maps[1]) and torch.equal(only[1], maps[3])
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_forward_intermediates_with_grad_checkpointing(name):
     """In train mode with gradients: checkpointed intermediates equal the plain forward's, and so
     do the gradients through every map."""
@@ -173,7 +174,7 @@ def test_forward_intermediates_with_grad_checkpointing(name):
         torch.testing.assert_close(ckpt_grads[n], want, rtol=1e-4, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", distinct_models())
 def test_fx_feature_extraction(model_of, name):
     """Every feature_info ``module`` is an FX return node that yields that tap."""
     model = model_of(name)

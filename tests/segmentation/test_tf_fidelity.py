@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from lazy_import import LazyModule, skip_without
+from segmentation import tf_deeplab
 
-# Before TensorFlow: loading triton (via torchvision) after TensorFlow's libraries segfaults.
 from xception.segmentation import DeepLabV3Plus, load_deeplab, read_deeplab_checkpoint
 
-tf = pytest.importorskip("tensorflow")
-
-from segmentation import tf_deeplab  # noqa: E402
+tf = LazyModule("tensorflow")  # imported by the first test that uses it (after torchvision: tf_deeplab)
+pytestmark = skip_without("tensorflow")
 
 NUM_CLASSES = 5
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-# Before TensorFlow: loading triton (via torchvision) after TensorFlow segfaults; see tf_deeplab.
-import xception  # noqa: F401
-
-tf = pytest.importorskip("tensorflow")
-
+from lazy_import import LazyModule, skip_without
 from segmentation import tf_deeplab as D
+
+tf = LazyModule("tensorflow")  # imported by the first test that uses it (after torchvision: tf_deeplab)
+pytestmark = skip_without("tensorflow")
 
 NUM_CLASSES = 5
 

@@ -5,9 +5,10 @@ DeepLabv3+ checkpoint holds, under the names and shapes the model zoo uses, and
 ``deeplab_forward_tf`` runs that network's inference pass with plain TensorFlow ops (eager, CPU):
 the reference a PyTorch port is checked against.
 
-Import order: import torch / torchvision / ``xception`` *before* TensorFlow. Loading triton
+Import order: torch / torchvision / ``xception`` *before* TensorFlow. Loading triton
 (``torchvision`` -> ``torch._dynamo`` imports it) after TensorFlow's libraries segfaults with
-TF 2.21; this module therefore imports ``xception`` first.
+TF 2.21; this module therefore imports ``xception`` first, and TensorFlow only on first use
+(``tf`` is a :class:`lazy_import.LazyModule`: collecting a test module costs no TF import).
 
 What the network is, fact by fact, as read in the TF DeepLab sources (tensorflow/models,
 research/deeplab; "xception.py" is core/xception.py, "fe.py" core/feature_extractor.py, "utils.py"
@@ -171,11 +172,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from lazy_import import LazyModule
 
 import xception  # noqa: F401  (before TensorFlow: see "Import order" above)
 
-# isort: split
-import tensorflow as tf
+tf = LazyModule("tensorflow")
 
 ENCODER_BN_EPS = 1e-3
 HEAD_BN_EPS = 1e-5

@@ -88,11 +88,17 @@ def _wait_healthy(get, timeout: float = 180.0) -> dict:
     raise AssertionError("the service did not become healthy")
 
 
+KEY = "s3cret"
+
+
 @pytest.fixture(scope="module")
 def client(weights):
+    """One service for the in-process tests (a worker takes seconds to start), with an API key that
+    the client sends on every request unless a test takes it off."""
     service = Service(ServeConfig(weights=str(weights), workers=1, max_batch_size=4, batch_timeout_ms=5, threads=1,
-                                  max_body_mb=1, api_key=None))
+                                  max_body_mb=1, api_key=KEY))
     with TestClient(service.app) as c:
+        c.headers["X-API-Key"] = KEY
         _wait_healthy(c.get)
         yield c
 
@@ -155,16 +161,21 @@ def test_metrics_count_statuses_latency_and_batches(client):
     assert "xception_queue_depth" in text
 
 
-def test_api_key(weights):
-    service = Service(ServeConfig(weights=str(weights), threads=1, api_key="s3cret"))
-    with TestClient(service.app) as c:
-        _wait_healthy(c.get)
-        body = _image_bytes()
-        assert c.post("/predict", content=body).json()["error"].startswith("missing API key")
-        r = c.post("/predict", content=body, headers={"Authorization": "Bearer nope"})
+def test_api_key(client):
+    body = _image_bytes()
+    del client.headers["X-API-Key"]
+    try:
+        r = client.post("/predict", content=body)
+        assert r.status_code == 401 and r.json()["error"].startswith("missing API key")
+        r = client.post("/predict", content=body, headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401 and r.json()["error"] == "wrong API key"
-        assert c.post("/predict", content=body, headers={"X-API-Key": "s3cret"}).status_code == 200
-        assert c.post("/predict", content=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        r = client.post("/predict", content=body, headers={"X-API-Key": "nope", "Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 401  # X-API-Key, when given, is the one checked
+        assert client.post("/predict", content=body, headers={"X-API-Key": KEY}).status_code == 200
+        assert client.post("/predict", content=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert client.get("/health").status_code == 200  # health and metrics stay open for probes
+    finally:
+        client.headers["X-API-Key"] = KEY
 
 
 # --- as a process -----------------------------------------------------------------------------------

@@ -9,29 +9,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lazy_import import LazyModule, skip_without
 
-# Before TensorFlow: loading triton (torchvision -> torch._dynamo imports it) after TensorFlow's
-# libraries segfaults (TF 2.21, both bundle LLVM), and xception imports torchvision.
+# xception imports torchvision, which loads triton (via torch._dynamo): it must come before
+# TensorFlow (TF 2.21's libraries and triton both bundle LLVM; the other order segfaults).
 import xception  # noqa: F401
 from xception.weights import tf_checkpoint as tfc
-from xception.weights.tf_checkpoint import crc32c, read_tf_checkpoint, read_tf_checkpoint_index
+from xception.weights.tf_checkpoint import (
+    crc32c,
+    read_tf_checkpoint,
+    read_tf_checkpoint_index,
+)
 
-tf = pytest.importorskip("tensorflow")
+tf = LazyModule("tensorflow")  # imported by the first test that uses it
+pytestmark = skip_without("tensorflow")
 
-# name -> (numpy dtype to make it with, TensorFlow dtype to save it as)
+# name -> (numpy dtype to make it with, name of the TensorFlow dtype to save it as)
 _DTYPES = {
-    "float32": (np.float32, tf.float32),
-    "float64": (np.float64, tf.float64),
-    "float16": (np.float16, tf.float16),
-    "bfloat16": (np.float32, tf.bfloat16),
-    "int32": (np.int32, tf.int32),
-    "int64": (np.int64, tf.int64),
-    "int16": (np.int16, tf.int16),
-    "int8": (np.int8, tf.int8),
-    "uint8": (np.uint8, tf.uint8),
-    "uint16": (np.uint16, tf.uint16),
-    "bool": (np.bool_, tf.bool),
-    "complex64": (np.complex64, tf.complex64),
+    "float32": (np.float32, "float32"),
+    "float64": (np.float64, "float64"),
+    "float16": (np.float16, "float16"),
+    "bfloat16": (np.float32, "bfloat16"),
+    "int32": (np.int32, "int32"),
+    "int64": (np.int64, "int64"),
+    "int16": (np.int16, "int16"),
+    "int8": (np.int8, "int8"),
+    "uint8": (np.uint8, "uint8"),
+    "uint16": (np.uint16, "uint16"),
+    "bool": (np.bool_, "bool"),
+    "complex64": (np.complex64, "complex64"),
 }
 _SHAPES = [(), (3,), (0,), (2, 5), (3, 3, 4, 1), (1, 1, 7, 6), (2, 0, 3)]
 
@@ -72,7 +78,7 @@ def _save(prefix: Path, values: dict[str, np.ndarray]) -> None:
     tensors = []
     for name in names:
         kind = name.split("/")[1].split("_", 1)[1] if name.startswith("scope_") else None
-        tensors.append(tf.constant(values[name], dtype=_DTYPES[kind][1] if kind else None))
+        tensors.append(tf.constant(values[name], dtype=getattr(tf, _DTYPES[kind][1]) if kind else None))
     tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
 
 
