@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from xception import list_models
 from xception.cli import main
@@ -53,25 +54,32 @@ def test_output_stride_changes_after_loading_with_the_same_weights(backbone):
     assert model.aspp.atrous[0].conv_dw.dilation == (6, 6)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("rate,size,bias", [(6, (32, 32), False), (12, (33, 29), True), (18, (16, 16), False),
-                                             (36, (7, 40), True)])
-def test_atrous_depthwise_as_shifted_sums_equals_the_conv(rate, size, bias):
-    # the channels-last CPU path (rate >= size: taps that read only padding are left out)
+                                             (36, (7, 40), True), (9, (12, 9), False), (2, (1, 5), True)])
+def test_atrous_depthwise_as_shifted_sums_equals_the_conv(rate, size, bias, layout):
+    """The CPU path of shifted sums (channels-last from rate 5; NCHW where the rate reaches a side,
+    so that whole rows or columns of taps read padding) equals the conv, values and gradients;
+    elsewhere the conv itself runs."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(24, 24, 3, 1, rate, rate, groups=24, bias=bias)
-    x = torch.randn(2, 24, *size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(2, 24, *size)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        shifted = rate >= 5
+    else:
+        shifted = rate >= min(size)
+    x.requires_grad_()
     calls = []
     handle = conv.register_forward_hook(lambda *args: calls.append(1))
     ours = atrous_depthwise(conv, x)
-    assert not calls  # the shifted sums ran, not the conv
+    assert bool(calls) != shifted  # the shifted sums ran instead of the conv, or the conv ran
     handle.remove()
-    ref = conv(x)
+    ref = F.conv2d(x, conv.weight, conv.bias, 1, rate, rate, 24)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch.autograd.grad(ours.square().sum(), (x, conv.weight)),
                     torch.autograd.grad(ref.square().sum(), (x, conv.weight))):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
-    contiguous = x.detach().contiguous()
-    assert torch.equal(atrous_depthwise(conv, contiguous), conv(contiguous))  # other layouts: the conv itself
 
 
 def test_grad_checkpointing_gives_the_same_gradients():

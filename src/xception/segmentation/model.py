@@ -92,31 +92,39 @@ class DeepLabConfig:
 # From this dilation on, the atrous depthwise convs of ASPP run as a sum of shifted products on
 # channels-last CPU tensors: oneDNN's depthwise conv drops to a slow path there (2048 channels of
 # 32x32 on 2 AVX2 cores: 1.4-2.4 ms at dilation 1-4, 49-78 ms at 6-18), while the sum takes 18-30
-# ms eager and 3-6 ms compiled by Inductor, which fuses it into one loop.
+# ms eager and 3-6 ms compiled by Inductor, which fuses it into one loop. On NCHW tensors (training)
+# the sum is taken only where whole rows or columns of taps read padding (dilation >= the map's
+# side: ASPP at small crops): then it is one to three products instead of the slow conv.
 _SHIFTED_FROM_DILATION = 5
 
 
 def atrous_depthwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for a 3x3 depthwise conv padded by its dilation (same size out). On a CPU,
-    channels-last input with a large dilation it is computed as the sum over the nine taps of the
-    zero-padded input shifted by the tap, times the tap's weight (taps that see only padding are
-    left out): the same function, exact up to the order of the float additions."""
+    """``conv(x)`` for a 3x3 depthwise conv padded by its dilation (same size out). On a CPU, it is
+    computed as the sum over the nine taps of the zero-padded input shifted by the tap, times the
+    tap's weight, with the taps that see only padding left out (and that padding never made):
+    for channels-last input from dilation 5 on, for NCHW input (eager) where the dilation reaches
+    the map's height or width. The same function, exact up to the order of the float additions."""
     rate = conv.dilation[0]
-    if (rate < _SHIFTED_FROM_DILATION or x.device.type != "cpu" or conv.kernel_size != (3, 3)
-            or conv.padding != conv.dilation or conv.groups != x.shape[1] or conv.stride != (1, 1)
-            or not x.is_contiguous(memory_format=torch.channels_last)):
+    if (x.device.type != "cpu" or conv.kernel_size != (3, 3) or conv.dilation != (rate, rate)
+            or conv.padding != conv.dilation or conv.groups != x.shape[1] or conv.stride != (1, 1)):
         return conv(x)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if rate < _SHIFTED_FROM_DILATION:
+            return conv(x)
+    elif torch.compiler.is_compiling() or (rate < x.shape[-2] and rate < x.shape[-1]):
+        return conv(x)  # NCHW: all nine taps see the image (and export keeps its dynamic sides)
     height, width = x.shape[-2:]
-    padded = F.pad(x, (rate, rate, rate, rate))
+    rows = (1,) if rate >= height else (0, 1, 2)  # the other rows of taps would read padding only
+    cols = (1,) if rate >= width else (0, 1, 2)
+    pad_h, pad_w = (rate if len(rows) == 3 else 0), (rate if len(cols) == 3 else 0)
+    padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else x
     weight = conv.weight[:, 0]  # (C, 3, 3)
     out = None
-    for i in range(3):
-        if i != 1 and rate >= height:
-            continue  # this row of taps reads padding only
-        for j in range(3):
-            if j != 1 and rate >= width:
-                continue
-            tap = padded[:, :, i * rate:i * rate + height, j * rate:j * rate + width] * weight[:, i, j, None, None]
+    for i in rows:
+        top = i * pad_h  # the tap's row offset into the padded map (0: the centre, unpadded)
+        for j in cols:
+            left = j * pad_w
+            tap = padded[:, :, top:top + height, left:left + width] * weight[:, i, j, None, None]
             out = tap if out is None else out + tap
     if conv.bias is not None:
         out = out + conv.bias[:, None, None]
