@@ -68,35 +68,31 @@ def run_padded(model: torch.nn.Module, images: torch.Tensor, buckets: list[int])
 
 class StreamRunner:
     """Runs a batch through the model on ``streams`` threads at once, each with ``threads // streams``
-    intra-op threads: the batch is cut into parts of ``part_size`` images, which the threads take in
-    turn. A lone image runs whole on every thread (its latency stays that of one call on the
-    worker's threads). Each part is padded to a bucket (:func:`run_padded`).
+    intra-op threads: the threads take the batch's images one at a time, in turn. A lone image
+    runs whole on every thread (its latency stays that of one call on the worker's threads).
+    Without streams (``streams=1``) the batch runs whole, padded to a bucket (:func:`run_padded`).
 
     Why: on a small CPU one batch spread over every core spends part of each layer waiting at the
     threads' barriers, and a large batch leaves the caches sooner; independent single-thread calls
     do neither. On the 2-core AVX2 machine, 299 px, one process, the same 16 images, 3 rounds each
     in turn: static int8 11.7 images/s as one batch on 2 threads, 14.0 / 14.2 / 13.6 / 13.6 on two
-    single-thread streams with parts of 1 / 2 / 4 / 8 images; fp32 eager 4.6, and 5.8 / 5.1 / 4.7 /
-    4.6. Outputs are those of the parts run alone.
+    single-thread streams taking parts of 1 / 2 / 4 / 8 images; fp32 eager 4.6, and 5.8 / 5.1 /
+    4.7 / 4.6: parts of one image. Outputs are those of the images run alone.
     """
 
-    def __init__(self, model: Any, buckets: list[int], *, streams: int = 1, threads: int = 1,
-                 part_size: int = 1) -> None:
-        if streams < 1 or part_size < 1:
-            raise ValueError(f"streams and part_size must be >= 1, got {streams}, {part_size}")
-        self.model, self.buckets, self.streams, self.part_size = model, buckets, streams, part_size
+    def __init__(self, model: Any, buckets: list[int], *, streams: int = 1, threads: int = 1) -> None:
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        self.model, self.buckets, self.streams = model, buckets, streams
         per_stream = max(1, threads // streams)
         self._pool = ThreadPoolExecutor(streams, thread_name_prefix="stream", initializer=torch.set_num_threads,
                                         initargs=(per_stream,)) if streams > 1 else None
 
     @property
     def batch_sizes(self) -> list[int]:
-        """The batch sizes the model is called with: every bucket for a whole batch, else the buckets
-        a part (or a lone image) is padded to."""
-        if self._pool is None:
-            return list(self.buckets)
-        largest = next((b for b in self.buckets if b >= self.part_size), self.part_size)
-        return [b for b in self.buckets if b <= largest]
+        """The batch sizes the model is called with: every bucket for whole batches, else the one an
+        image is padded to."""
+        return list(self.buckets) if self._pool is None else list(self.buckets[:1])
 
     def _part(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():  # grad mode is per thread
@@ -105,7 +101,7 @@ class StreamRunner:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self._pool is None or images.shape[0] < 2:
             return run_padded(self.model, images, self.buckets)
-        return torch.cat(list(self._pool.map(self._part, images.split(self.part_size))))
+        return torch.cat(list(self._pool.map(self._part, images.split(1))))
 
     def close(self) -> None:
         if self._pool is not None:
